@@ -1,0 +1,21 @@
+"""Typed errors a client or a peer can cause; the gateway maps them to gRPC status codes."""
+
+
+class MixServeError(Exception):
+    """Base class of mixserve's request-level errors."""
+
+
+class InvalidRequest(MixServeError, ValueError):
+    """A request field is invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Overloaded(MixServeError):
+    """The waiting queue is full."""
+
+
+class WorkerUnavailable(MixServeError):
+    """An expert worker died or a collective timed out; the requests it touched are lost."""

@@ -1,0 +1,51 @@
+"""Tiny random Mixtral checkpoints written with transformers' save_pretrained (the reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_VARIANTS: dict[str, dict] = {
+    # sliding window shorter than prompt + 32 decode steps; GQA ratio 2; top-2
+    "window8_top2_gqa2": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+    ),
+    # top-1 routing, GQA ratio 1 (plain multi-head attention), no window
+    "top1_mha": dict(
+        hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=1, sliding_window=None,
+    ),
+    # top-3 routing, GQA ratio 4, explicit head_dim that differs from hidden/heads, window
+    "top3_gqa4_headdim": dict(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, num_local_experts=6, num_experts_per_tok=3, sliding_window=24,
+    ),
+    # sharded safetensors with an index file; GQA ratio 4; 8 experts
+    "sharded_top2_gqa4": dict(
+        hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
+        shard="40KB",
+    ),
+}
+
+
+def write_tiny_mixtral(out_dir: Path, *, seed: int = 0, vocab_size: int = 256, shard: str | None = None,
+                       initializer_range: float = 0.08, tie_word_embeddings: bool = False, **overrides) -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=vocab_size, max_position_embeddings=256, initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, **overrides,
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg).eval()
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
+
+
+def write_variant(root: Path, name: str) -> Path:
+    spec = dict(TINY_VARIANTS[name])
+    return write_tiny_mixtral(root / name, **spec)

@@ -1,0 +1,50 @@
+"""`mixserve generate` as a user runs it: a subprocess printing one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from cluster.engine import LLMEngine
+from cluster.requests import GenerationRequest
+from workers.runtime.local_build import build_attention_rank
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mixserve(*args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_generate_json_with_token_ids_matches_engine(tiny8, tmp_path):
+    model = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny8, model)
+    assert not (model / "tokenizer.json").exists()
+    proc = _mixserve("generate", "--model", str(model), "--token-ids", "5,9,200,3", "--max-new-tokens", "6",
+                     "--temperature", "0", "--ignore-eos", "--json", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rank = build_attention_rank(model, dtype=torch.float32, device=torch.device("cpu"), num_blocks=64, block_size=16)
+    (expected,) = LLMEngine(rank).generate(
+        [GenerationRequest(request_id="x", prompt_token_ids=(5, 9, 200, 3), max_new_tokens=6, ignore_eos=True)]
+    )
+    assert out["token_ids"] == expected.token_ids and len(out["token_ids"]) == 6
+    assert out["text"] is None
+
+
+def test_generate_reports_bad_input_clearly(tiny8):
+    proc = _mixserve("generate", "--model", str(tiny8), "--token-ids", "5,99999", "--json")
+    assert proc.returncode == 2
+    assert "prompt_token_ids" in proc.stderr and "99999" in proc.stderr
+    proc = _mixserve("generate", "--model", str(tiny8), "--prompt", "hello")
+    assert proc.returncode == 2 and "tokenizer.json" in proc.stderr
+    proc = _mixserve("generate", "--model", "/nonexistent", "--token-ids", "1")
+    assert proc.returncode == 2 and "config.json" in proc.stderr

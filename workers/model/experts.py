@@ -1,0 +1,73 @@
+"""SwiGLU expert math over rows already grouped by expert; no routing, no communication.
+
+The raw expert computation: each local expert runs one matmul pair over all of its rows.
+Shapes: N rows, D model dim, F expert ffn dim, e local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """One layer's weights for a set of local experts, stacked and contiguous."""
+
+    w13_e2FD: torch.Tensor  # [e, 2F, D]  gate (w1) rows then up (w3) rows
+    w2_eDF: torch.Tensor  # [e, D, F]    down projection
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13_e2FD.shape[0]
+
+
+def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for the rows of one expert."""
+    gate_NF, up_NF = (x_ND @ w13_2FD.t()).chunk(2, dim=-1)  # [N, F] each
+    return (F.silu(gate_NF) * up_NF) @ w2_DF.t()  # [N, D]
+
+
+def run_grouped_experts(
+    x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts, out_ND: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows of x_ND are grouped by local expert: the first counts_e[0] rows go to expert 0, and so on."""
+    assert len(counts_e) == experts.num_experts, (
+        f"got row counts for {len(counts_e)} experts, the layer holds {experts.num_experts}"
+    )
+    assert sum(counts_e) == x_ND.shape[0], f"counts sum to {sum(counts_e)}, got {x_ND.shape[0]} rows"
+    out_ND = torch.empty_like(x_ND) if out_ND is None else out_ND
+    start = 0
+    for local_expert, count in enumerate(counts_e):
+        if count:
+            rows = slice(start, start + count)
+            out_ND[rows] = swiglu_expert(x_ND[rows], experts.w13_e2FD[local_expert], experts.w2_eDF[local_expert])
+        start += count
+    return out_ND
+
+
+def local_moe(
+    x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, experts: LayerExperts
+) -> torch.Tensor:
+    """The EP=1 path: all experts are local. Sort the T*K rows by expert, run, unsort, weight, sum."""
+    num_tokens, top_k = topk_ids_TK.shape
+    flat_ids_N = topk_ids_TK.reshape(-1)  # [N = T*K]
+    order_N = torch.argsort(flat_ids_N, stable=True)
+    counts_e = torch.bincount(flat_ids_N, minlength=experts.num_experts).tolist()
+    x_sorted_ND = x_TD[order_N // top_k]  # row n of the sorted order comes from token order[n] // K
+    y_sorted_ND = run_grouped_experts(x_sorted_ND, counts_e, experts)
+    return weighted_combine(y_sorted_ND, order_N, topk_weights_TK, num_tokens)
+
+
+def weighted_combine(
+    y_sorted_ND: torch.Tensor, order_N: torch.Tensor, topk_weights_TK: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Undo the sort, weight each of a token's K rows by its router weight, sum over K."""
+    top_k = topk_weights_TK.shape[1]
+    y_ND = torch.empty_like(y_sorted_ND)
+    y_ND[order_N] = y_sorted_ND
+    y_TKD = y_ND.view(num_tokens, top_k, -1)
+    weighted_TKD = y_TKD * topk_weights_TK[:, :, None]  # fp32 weights, like the reference
+    return weighted_TKD.sum(dim=1).to(y_sorted_ND.dtype)  # [T, D]

@@ -1,0 +1,80 @@
+"""The attention rank's step: embed, then per layer attention → route → MoE → residual, then logits.
+
+Knows nothing of requests, sampling or where experts live: the MoE stage is an injected
+`MoEBackend` (in-process experts, or dispatch/combine over a process group).
+Shapes: T tokens in the step, D model dim, K experts per token, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from workers.model.attention import SequenceChunk, build_attention_metadata
+from workers.model.experts import local_moe
+from workers.model.kv_cache import KVCachePool
+from workers.model.transformer import DenseModel
+from workers.model.weights import ExpertShard
+from workers.runtime.timing import StepTimings
+
+
+class MoEBackend(Protocol):
+    def moe(
+        self, layer: int, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, timings: StepTimings
+    ) -> torch.Tensor:
+        """dispatch → experts → combine for one layer; returns the weighted expert output [T, D]."""
+        ...
+
+    def begin_step(self, num_tokens: int) -> None: ...
+
+
+class LocalExperts:
+    """Every expert in this process (expert-parallel degree 1)."""
+
+    def __init__(self, shard: ExpertShard) -> None:
+        expected = tuple(range(len(shard.expert_ids)))
+        assert shard.expert_ids == expected, f"local experts must be all experts, got {shard.expert_ids}"
+        self.shard = shard
+
+    def begin_step(self, num_tokens: int) -> None:
+        pass
+
+    def moe(
+        self, layer: int, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, timings: StepTimings
+    ) -> torch.Tensor:
+        with timings.phase("experts"):
+            return local_moe(x_TD, weights_TK, ids_TK, self.shard.layers[layer])
+
+
+class AttentionRank:
+    def __init__(self, model: DenseModel, pool: KVCachePool, experts: MoEBackend) -> None:
+        self.model = model
+        self.pool = pool
+        self.experts = experts
+
+    def forward(
+        self, token_ids_T: torch.Tensor, chunks: list[SequenceChunk], timings: StepTimings
+    ) -> torch.Tensor:
+        """Runs the layer stack over the step's new tokens; returns final hidden states [T, D]."""
+        assert token_ids_T.shape[0] == sum(c.num_new for c in chunks), (
+            f"{token_ids_T.shape[0]} token ids for chunks totalling {sum(c.num_new for c in chunks)}"
+        )
+        with timings.phase("attention"):
+            meta = build_attention_metadata(self.pool, chunks)
+            rope = self.model.rope_tables(meta.positions_T)
+            h_TD = self.model.embed(token_ids_T.to(self.model.device))
+        self.experts.begin_step(token_ids_T.shape[0])
+        for layer in range(self.model.cfg.num_hidden_layers):
+            with timings.phase("attention"):
+                kv = (self.pool.k_LBSHd[layer], self.pool.v_LBSHd[layer])
+                h_TD = self.model.attention_block(layer, h_TD, meta, rope, kv)
+            with timings.phase("routing"):
+                x_TD, weights_TK, ids_TK = self.model.route(layer, h_TD)
+            h_TD = h_TD + self.experts.moe(layer, x_TD, weights_TK, ids_TK, timings)
+        for chunk in chunks:
+            chunk.blocks.num_cached = chunk.start + chunk.num_new
+        return h_TD
+
+    def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(h_TD)
