@@ -11,6 +11,8 @@ import torch
 
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError
+from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
+from cluster.ray_session import ray_session
 from cluster.requests import GenerationRequest
 from cluster.settings import DEFAULT_MODEL_DIR, EngineSettings, resolve_device, resolve_dtype
 from cluster.tokenizer import TextTokenizer, require_tokenizer
@@ -25,6 +27,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     parser.add_argument("--kv-cache-mib", type=int, default=256, help="KV-cache memory budget in MiB")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for this process")
+    parser.add_argument("--workers", type=int, default=0, help="Ray expert workers (0 = experts in-process)")
+    parser.add_argument("--placement", default="PACK", help="placement group strategy: PACK, SPREAD, STRICT_*")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    parser.add_argument("--collective-timeout", type=float, default=20.0, help="seconds before a collective fails")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +59,7 @@ def _settings(args: argparse.Namespace) -> EngineSettings:
     device = resolve_device(args.device)
     return EngineSettings(
         model_dir=args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-        kv_cache_bytes=args.kv_cache_mib * 2**20,
+        kv_cache_bytes=args.kv_cache_mib * 2**20, num_workers=args.workers,
     )
 
 
@@ -66,17 +72,29 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
     return tuple(require_tokenizer(tokenizer, "prompt").encode(args.prompt))
 
 
+def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    return ClusterOptions(
+        num_workers=args.workers, placement_strategy=args.placement, threads_per_rank=args.threads,
+        collective_timeout_s=args.collective_timeout,
+    )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     cfg = ModelConfig.from_model_dir(settings.model_dir)
     tokenizer = TextTokenizer.from_model_dir(settings.model_dir, cfg.bos_token_id)
-    engine = build_local_engine(settings)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     request = GenerationRequest(
         request_id="cli-0", prompt_token_ids=_prompt_ids(args, tokenizer), sampling=sampling,
         max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
     )
-    (result,) = engine.generate([request])
+    if settings.num_workers == 0:
+        (result,) = build_local_engine(settings).generate([request])
+    else:
+        with ray_session(args.ray_address, settings.num_workers), RayExpertParallelEngine(
+            settings, _cluster_options(args)
+        ) as engine:
+            (result,) = engine.generate([request])
     text = tokenizer.decode(result.token_ids) if tokenizer else None
     if args.json:
         print(json.dumps({"token_ids": result.token_ids, "text": text, "finish_reason": result.finish_reason}))

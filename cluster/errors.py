@@ -11,6 +11,10 @@ class InvalidRequest(MixServeError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
+
+    def __reduce__(self):  # picklable across Ray actor boundaries
+        return (type(self), (self.field, self.reason))
 
 
 class Overloaded(MixServeError):

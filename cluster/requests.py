@@ -24,7 +24,8 @@ class SequenceUpdate:
     request_id: str
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
-    finish_reason: str | None = None  # "stop" | "length" | "eos" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "eos" | "abort" | "error"
+    error: str | None = None  # set with finish_reason "error": the request was lost to a worker failure
 
 
 @dataclass
@@ -34,3 +35,4 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None

@@ -21,3 +21,15 @@ def tiny8(tmp_path_factory) -> Path:
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
         sliding_window=16,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (token auth on, Ray's default; dashboard for the state API) shared by the session."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

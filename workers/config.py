@@ -133,3 +133,52 @@ def _rope_theta(raw: dict[str, Any]) -> float:
     if raw.get("rope_scaling"):
         raise ConfigError("rope_scaling is not supported")
     return params.get("rope_theta", raw.get("rope_theta", 1e6))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Where each expert lives: rank 0 is the attention rank, expert workers are ranks 1..num_workers.
+
+    `worker_of_expert[e]` is the worker index (0-based) holding expert e, the same for every layer;
+    `local_index_of_expert[e]` is its position among that worker's experts.
+    """
+
+    worker_of_expert: tuple[int, ...]
+    collective_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not self.worker_of_expert:
+            raise ConfigError("worker_of_expert is empty")
+        workers = set(self.worker_of_expert)
+        if workers != set(range(len(workers))):
+            raise ConfigError(f"worker_of_expert must use workers 0..N-1 each at least once, got {sorted(workers)}")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
+
+    @property
+    def num_workers(self) -> int:
+        return max(self.worker_of_expert) + 1
+
+    @property
+    def world_size(self) -> int:
+        return self.num_workers + 1
+
+    def experts_of_worker(self, worker: int) -> tuple[int, ...]:
+        return tuple(e for e, w in enumerate(self.worker_of_expert) if w == worker)
+
+    @property
+    def rank_of_expert(self) -> tuple[int, ...]:
+        return tuple(w + 1 for w in self.worker_of_expert)
+
+    @property
+    def local_index_of_expert(self) -> tuple[int, ...]:
+        seen: dict[int, int] = {}
+        out = []
+        for w in self.worker_of_expert:
+            out.append(seen.get(w, 0))
+            seen[w] = out[-1] + 1
+        return tuple(out)
+
+    @property
+    def max_local_experts(self) -> int:
+        return max(len(self.experts_of_worker(w)) for w in range(self.num_workers))

@@ -51,3 +51,12 @@ def test_frozen():
 def test_invalid_fields_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_dict(BASE | change)
+
+
+def test_typed_errors_survive_pickling():
+    import pickle
+
+    from cluster.errors import InvalidRequest
+
+    err = pickle.loads(pickle.dumps(InvalidRequest("top_p", "must be in (0, 1]")))
+    assert isinstance(err, InvalidRequest) and err.field == "top_p" and str(err) == "top_p: must be in (0, 1]"

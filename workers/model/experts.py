@@ -64,10 +64,15 @@ def local_moe(
 def weighted_combine(
     y_sorted_ND: torch.Tensor, order_N: torch.Tensor, topk_weights_TK: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
-    """Undo the sort, weight each of a token's K rows by its router weight, sum over K."""
-    top_k = topk_weights_TK.shape[1]
+    """Undo the sort, then weight and sum each token's K rows."""
     y_ND = torch.empty_like(y_sorted_ND)
     y_ND[order_N] = y_sorted_ND
+    return weight_and_sum(y_ND, topk_weights_TK)
+
+
+def weight_and_sum(y_ND: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Rows in (token, k) order: weight each of a token's K rows by its router weight, sum over K."""
+    num_tokens, top_k = topk_weights_TK.shape
     y_TKD = y_ND.view(num_tokens, top_k, -1)
     weighted_TKD = y_TKD * topk_weights_TK[:, :, None]  # fp32 weights, like the reference
-    return weighted_TKD.sum(dim=1).to(y_sorted_ND.dtype)  # [T, D]
+    return weighted_TKD.sum(dim=1).to(y_ND.dtype)  # [T, D]

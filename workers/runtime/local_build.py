@@ -10,7 +10,7 @@ from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointReader
 from workers.model.kv_cache import KVCachePool, KVCacheSpec
 from workers.model.transformer import DenseModel
-from workers.model.weights import load_dense_weights, load_expert_shard
+from workers.model.weights import DenseWeights, load_dense_weights, load_expert_shard
 from workers.runtime.attention_rank import AttentionRank, LocalExperts, MoEBackend
 
 
@@ -40,5 +40,13 @@ def build_attention_rank(
     if experts is None:
         all_experts = tuple(range(cfg.num_local_experts))
         experts = LocalExperts(load_expert_shard(reader, cfg, all_experts, dtype=dtype, device=device))
-    pool = KVCachePool(kv_cache_spec(cfg, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device))
-    return AttentionRank(DenseModel(cfg, dense), pool, experts)
+    return assemble_attention_rank(cfg, dense, experts, num_blocks=num_blocks, block_size=block_size)
+
+
+def assemble_attention_rank(
+    cfg: ModelConfig, dense: DenseWeights, experts: MoEBackend, *, num_blocks: int, block_size: int
+) -> AttentionRank:
+    spec = kv_cache_spec(
+        cfg, num_blocks=num_blocks, block_size=block_size, dtype=dense.embed_VD.dtype, device=dense.embed_VD.device
+    )
+    return AttentionRank(DenseModel(cfg, dense), KVCachePool(spec), experts)

@@ -1,0 +1,194 @@
+"""Ray actors: ExpertWorker holds one worker's experts and runs the expert rank loop; Coordinator holds
+the dense weights and the engine (the attention rank, rank 0 of the expert-parallel group).
+
+Lifecycle: cheap __init__, load() reads weights, join_group() forms the process group with the peers
+(called on all ranks at once), then run() / start_engine(). Errors name the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from cluster.engine import LLMEngine
+from cluster.engine_loop import EngineLoop
+from cluster.requests import GenerationRequest, SequenceUpdate
+from cluster.scheduler import SchedulerConfig
+from workers.comm import ProcessGroupHandle, create_group, free_port
+from workers.config import ModelConfig, ParallelConfig
+from workers.model.checkpoint import CheckpointReader
+from workers.model.weights import DenseWeights, ExpertShard, load_dense_weights, load_expert_shard
+from workers.runtime.distributed_experts import DistributedExperts
+from workers.runtime.expert_rank import ExpertRank
+from workers.runtime.local_build import assemble_attention_rank
+
+
+class WorkerStartError(RuntimeError):
+    """An expert worker (or the coordinator) could not load its weights or join the group."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankSettings:
+    model_dir: Path
+    dtype: torch.dtype
+    device: str  # "cpu" or "cuda" (the actor's one visible GPU)
+    threads: int | None  # None: this host's cores divided by the ranks placed on it
+    backend: str
+    collective_timeout_s: float
+
+
+def set_threads(settings: RankSettings, ranks_on_host: int) -> int:
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, ranks_on_host))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class ExpertWorker:
+    def __init__(
+        self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, ranks_on_host: int
+    ) -> None:
+        self.threads = set_threads(settings, ranks_on_host)
+        self.name = f"expert worker {worker_index} (experts {','.join(map(str, expert_ids))})"
+        self.worker_index = worker_index
+        self.expert_ids = expert_ids
+        self.settings = settings
+        self.shard: ExpertShard | None = None
+        self.group: ProcessGroupHandle | None = None
+        self.rank: ExpertRank | None = None
+        self.cfg: ModelConfig | None = None
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def threads_in_use(self) -> int:
+        return torch.get_num_threads()
+
+    def load(self) -> list[str]:
+        try:
+            self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
+            reader = CheckpointReader(self.settings.model_dir)
+            self.shard = load_expert_shard(
+                reader, self.cfg, self.expert_ids, dtype=self.settings.dtype, device=_device(self.settings)
+            )
+        except Exception as exc:
+            raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
+        return list(self.shard.tensor_names)
+
+    def join_group(self, init_method: str, world_size: int, max_local_experts: int) -> None:
+        assert self.shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
+        try:
+            self.group = create_group(
+                backend=self.settings.backend, init_method=init_method, rank=self.worker_index + 1,
+                world_size=world_size, timeout_s=self.settings.collective_timeout_s, device=_device(self.settings),
+            )
+        except Exception as exc:
+            raise WorkerStartError(f"{self.name} could not join the group at {init_method}: {exc}") from exc
+        self.rank = ExpertRank(
+            self.shard, group=self.group.group, device=self.group.device, max_local_experts=max_local_experts,
+            hidden_size=self.cfg.hidden_size,
+        )
+
+    def run(self) -> int:
+        """Serves steps until STOP; returns the number of steps served. Raises if a collective fails."""
+        assert self.rank is not None, f"{self.name}: join_group() before run()"
+        try:
+            self.rank.run()
+            return self.rank.steps
+        finally:
+            if self.group is not None:
+                self.group.destroy()
+
+    def inventory(self) -> list[str]:
+        return list(self.shard.tensor_names) if self.shard else []
+
+    def stats(self) -> dict:
+        assert self.rank is not None
+        return {"steps": self.rank.steps, "seconds": dict(self.rank.timings.seconds),
+                "rows_per_local_expert": self.rank.rows_per_local_expert.tolist()}
+
+
+class Coordinator:
+    def __init__(
+        self, settings: RankSettings, parallel: ParallelConfig, scheduler: SchedulerConfig, ranks_on_host: int
+    ) -> None:
+        self.threads = set_threads(settings, ranks_on_host)
+        self.settings = settings
+        self.parallel = parallel
+        self.scheduler = scheduler
+        self.group: ProcessGroupHandle | None = None
+        self.loop: EngineLoop | None = None
+        self.experts: DistributedExperts | None = None
+        self.cfg: ModelConfig | None = None
+        self.dense: DenseWeights | None = None
+
+    def rendezvous_address(self) -> str:
+        ip = ray.util.get_node_ip_address()
+        return f"tcp://{ip}:{free_port(ip)}"
+
+    def load(self) -> list[str]:
+        """Reads the dense (non-expert) weights; returns their tensor names."""
+        try:
+            self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
+            reader = CheckpointReader(self.settings.model_dir)
+            self.dense = load_dense_weights(reader, self.cfg, dtype=self.settings.dtype, device=_device(self.settings))
+        except Exception as exc:
+            raise WorkerStartError(f"coordinator failed to load the dense weights: {exc}") from exc
+        return list(self.dense.tensor_names)
+
+    def join_group(self, init_method: str, kv_blocks: int, block_size: int) -> None:
+        assert self.dense is not None and self.cfg is not None, "coordinator: load() before join_group()"
+        try:
+            self.group = create_group(
+                backend=self.settings.backend, init_method=init_method, rank=0,
+                world_size=self.parallel.world_size, timeout_s=self.settings.collective_timeout_s,
+                device=_device(self.settings),
+            )
+        except Exception as exc:
+            raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
+        self.experts = DistributedExperts(self.parallel, group=self.group.group, device=self.group.device)
+        rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size)
+        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=self.experts.keepalive,
+                               keepalive_interval_s=self.settings.collective_timeout_s / 4)
+        self.loop.start()
+
+    def inventory(self) -> list[str]:
+        return list(self.dense.tensor_names) if self.dense else []
+
+    def submit(self, request: GenerationRequest) -> None:
+        assert self.loop is not None
+        self.loop.submit(request)
+
+    def abort(self, request_id: str) -> None:
+        assert self.loop is not None
+        self.loop.abort(request_id)
+
+    def drain(self, timeout_s: float) -> list[SequenceUpdate]:
+        assert self.loop is not None
+        return self.loop.drain(timeout_s)
+
+    def failure(self) -> str | None:
+        return self.loop.failure if self.loop else None
+
+    def kv_usage(self) -> float:
+        assert self.loop is not None
+        return self.loop.engine.rank.pool.usage
+
+    def stop(self) -> None:
+        """Stops the loop, tells the expert ranks to stop, and leaves the group."""
+        if self.loop is None:
+            return
+        self.loop.stop()
+        try:
+            if self.loop.failure is None and self.experts is not None:
+                self.experts.stop()
+        finally:
+            if self.group is not None:
+                self.group.destroy()
+
+
+def _device(settings: RankSettings) -> torch.device:
+    return torch.device("cuda", 0) if settings.device == "cuda" else torch.device("cpu")

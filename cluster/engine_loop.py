@@ -1,0 +1,116 @@
+"""Runs the engine on one thread; other threads submit, abort and drain updates.
+
+Only the loop thread touches the engine (and so the collectives). When idle it sends a keepalive so
+expert ranks blocked on the next step header stay inside the collective timeout. A failed step (a
+dead worker, a timed-out collective) ends every in-flight request with an error update and fails
+later submissions with WorkerUnavailable: never a hang, never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from cluster.engine import LLMEngine
+from cluster.errors import WorkerUnavailable
+from cluster.requests import GenerationRequest, SequenceUpdate
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(
+        self, engine: LLMEngine, *, keepalive: Callable[[], None] | None = None, keepalive_interval_s: float = 2.0
+    ) -> None:
+        self.engine = engine
+        self.keepalive = keepalive
+        self.keepalive_interval_s = keepalive_interval_s
+        self._cond = threading.Condition()
+        self._inbox: list[GenerationRequest] = []
+        self._aborts: list[str] = []
+        self._outbox: list[SequenceUpdate] = []
+        self._stopping = False
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> None:
+        if self.failure:
+            raise WorkerUnavailable(self.failure)
+        self.engine.validate(request)  # config-only checks; raises InvalidRequest naming the field
+        with self._cond:
+            self._inbox.append(request)
+            self._cond.notify_all()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify_all()
+
+    def drain(self, timeout_s: float) -> list[SequenceUpdate]:
+        """All updates since the last drain; waits up to timeout_s for at least one."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._outbox or self._stopping, timeout=timeout_s)
+            out, self._outbox = self._outbox, []
+            return out
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        last_collective = time.monotonic()
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._has_input, timeout=self.keepalive_interval_s)
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            updates = self._admit(inbox) + [u for rid in aborts if (u := self.engine.abort(rid))]
+            try:
+                if self.engine.has_work():
+                    updates += self.engine.step()
+                    last_collective = time.monotonic()
+                elif self.keepalive and time.monotonic() - last_collective >= self.keepalive_interval_s:
+                    self.keepalive()
+                    last_collective = time.monotonic()
+            except Exception as exc:  # a worker died or a collective timed out
+                self._fail(updates, f"expert-parallel step failed: {exc}")
+                return
+            self._publish(updates)
+
+    def _has_input(self) -> bool:
+        return bool(self._inbox or self._aborts or self._stopping or self.engine.has_work())
+
+    def _admit(self, inbox: list[GenerationRequest]) -> list[SequenceUpdate]:
+        rejected = []
+        for request in inbox:
+            try:
+                self.engine.add_request(request)
+            except ValueError as exc:  # raced with another request of the same id
+                rejected.append(SequenceUpdate(request.request_id, (), (), "error", str(exc)))
+        return rejected
+
+    def _publish(self, updates: list[SequenceUpdate]) -> None:
+        if updates:
+            with self._cond:
+                self._outbox.extend(updates)
+                self._cond.notify_all()
+
+    def _fail(self, updates: list[SequenceUpdate], message: str) -> None:
+        log.error("%s; failing %d in-flight requests", message, len(self.engine.sequences))
+        lost = [SequenceUpdate(rid, (), (), "error", message) for rid in list(self.engine.sequences)]
+        with self._cond:
+            self.failure = message
+            lost += [SequenceUpdate(r.request_id, (), (), "error", message) for r in self._inbox]
+            self._outbox.extend(updates + lost)
+            self._inbox.clear()
+            self._cond.notify_all()

@@ -1,0 +1,212 @@
+"""The expert-parallel engine on Ray: a placement group, one Coordinator actor (rank 0, attention and
+the engine loop) and N ExpertWorker actors (ranks 1..N), joined in one torch.distributed group.
+
+Assumes Ray is already initialised by the entry point (a local cluster or `ray start` nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import Coordinator, ExpertWorker, RankSettings, WorkerStartError
+from cluster.engine_factory import num_kv_blocks
+from cluster.errors import WorkerUnavailable
+from cluster.placement import contiguous_placement
+from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
+from cluster.scheduler import SchedulerConfig
+from cluster.settings import EngineSettings
+from workers.config import ModelConfig, ParallelConfig
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    num_workers: int
+    placement_strategy: str = "PACK"
+    cpus_per_rank: float = 1.0
+    threads_per_rank: int | None = None
+    collective_timeout_s: float = 20.0
+    start_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 for the Ray engine, got {self.num_workers}")
+        if self.placement_strategy not in STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
+
+
+class RayExpertParallelEngine:
+    def __init__(
+        self, settings: EngineSettings, options: ClusterOptions, scheduler: SchedulerConfig | None = None
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.scheduler = scheduler or SchedulerConfig()
+        self.cfg = ModelConfig.from_model_dir(settings.model_dir)
+        self.placement = contiguous_placement(self.cfg.num_local_experts, options.num_workers)
+        self.parallel = ParallelConfig(
+            worker_of_expert=self.placement.worker_of_expert, collective_timeout_s=options.collective_timeout_s
+        )
+        self.pg = None
+        self.coordinator = None
+        self.workers: list = []
+        self.worker_runs: list = []
+        self.rendezvous: str | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._place()
+            self._load_all()
+            self._join_all()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _bundle(self) -> dict[str, float]:
+        gpu = self.settings.device.type == "cuda"
+        return {"CPU": self.options.cpus_per_rank} | ({"GPU": 1.0} if gpu else {})
+
+    def _place(self) -> None:
+        world = self.parallel.world_size
+        self.pg = placement_group([self._bundle()] * world, strategy=self.options.placement_strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=self.options.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise WorkerStartError(
+                f"placement group of {world} bundles {self._bundle()} did not fit the cluster within "
+                f"{self.options.start_timeout_s}s (available: {ray.available_resources()})"
+            ) from exc
+        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        per_node = Counter(nodes.values())
+        rank_settings = RankSettings(
+            model_dir=self.settings.model_dir, dtype=self.settings.dtype, device=self.settings.device.type,
+            threads=self.options.threads_per_rank, backend="nccl" if self.settings.device.type == "cuda" else "gloo",
+            collective_timeout_s=self.options.collective_timeout_s,
+        )
+        self.coordinator = self._actor(Coordinator, 0, max_concurrency=16).remote(
+            rank_settings, self.parallel, self.scheduler, per_node[nodes[0]]
+        )
+        self.workers = [
+            self._actor(ExpertWorker, w + 1, max_concurrency=4).remote(
+                w, self.placement.experts_of_worker(w), rank_settings, per_node[nodes[w + 1]]
+            )
+            for w in range(self.options.num_workers)
+        ]
+
+    def _actor(self, cls: type, bundle: int, *, max_concurrency: int):
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
+        return ray.remote(cls).options(
+            num_cpus=self.options.cpus_per_rank, num_gpus=self._bundle().get("GPU", 0), max_concurrency=max_concurrency,
+            scheduling_strategy=strategy, max_restarts=0,
+        )
+
+    def _load_all(self) -> None:
+        names = ["coordinator"] + [f"expert worker {w}" for w in range(len(self.workers))]
+        refs = [self.coordinator.load.remote()] + [w.load.remote() for w in self.workers]
+        errors = []
+        for name, ref in zip(names, refs, strict=True):
+            try:
+                ray.get(ref, timeout=self.options.start_timeout_s)
+            except ray.exceptions.RayTaskError as exc:
+                errors.append(str(exc.cause) if exc.cause else str(exc))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                errors.append(f"{name} did not start: {exc}")
+        if errors:
+            raise WorkerStartError("; ".join(errors))
+
+    def _join_all(self) -> None:
+        self.rendezvous = ray.get(self.coordinator.rendezvous_address.remote())
+        kv_blocks = num_kv_blocks(self.settings, self.cfg)
+        refs = [self.coordinator.join_group.remote(self.rendezvous, kv_blocks, self.settings.block_size)]
+        refs += [
+            w.join_group.remote(self.rendezvous, self.parallel.world_size, self.parallel.max_local_experts)
+            for w in self.workers
+        ]
+        try:
+            ray.get(refs, timeout=self.options.start_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            raise WorkerStartError(str(exc.cause) if exc.cause else str(exc)) from exc
+        self.worker_runs = [w.run.remote() for w in self.workers]
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stops the loop and the expert ranks, then removes every actor and the placement group."""
+        if self.coordinator is not None:
+            try:
+                ray.get(self.coordinator.stop.remote(), timeout=timeout_s)
+                ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.warning("clean stop failed (%s); killing the actors", exc)
+        for actor in [self.coordinator, *self.workers]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.coordinator, self.workers, self.worker_runs, self.pg = None, [], [], None
+
+    def __enter__(self) -> RayExpertParallelEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    # requests ------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        _unwrap(self.coordinator.submit.remote(request))
+
+    def abort(self, request_id: str) -> None:
+        _unwrap(self.coordinator.abort.remote(request_id))
+
+    def drain(self, timeout_s: float) -> list[SequenceUpdate]:
+        return _unwrap(self.coordinator.drain.remote(timeout_s))
+
+    def generate(self, requests: list[GenerationRequest], timeout_s: float = 600.0) -> list[GenerationResult]:
+        """Runs the requests together; raises WorkerUnavailable if a worker failure lost any of them."""
+        results = {r.request_id: GenerationResult(r.request_id, r.prompt_token_ids) for r in requests}
+        for request in requests:
+            self.submit(request)
+        deadline = time.monotonic() + timeout_s
+        pending = set(results)
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} requests unfinished after {timeout_s}s")
+            for update in self.drain(1.0):
+                result = results[update.request_id]
+                result.token_ids.extend(update.token_ids)
+                result.logprobs.extend(update.logprobs)
+                if update.finish_reason:
+                    result.finish_reason, result.error = update.finish_reason, update.error
+                    pending.discard(update.request_id)
+        failed = [r for r in results.values() if r.error]
+        if failed:
+            raise WorkerUnavailable(f"{len(failed)} of {len(results)} requests lost: {failed[0].error}")
+        return [results[r.request_id] for r in requests]
+
+    # introspection -------------------------------------------------------------------------------
+    def inventories(self) -> dict[str, list[str]]:
+        out = {"coordinator": ray.get(self.coordinator.inventory.remote())}
+        for w, actor in enumerate(self.workers):
+            out[f"worker {w}"] = ray.get(actor.inventory.remote())
+        return out
+
+    def worker_stats(self) -> list[dict]:
+        return ray.get([w.stats.remote() for w in self.workers])
+
+
+def _unwrap(ref):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise (exc.cause if exc.cause else exc) from None
+    except ray.exceptions.RayActorError as exc:
+        raise WorkerUnavailable(f"the coordinator is gone: {exc}") from exc

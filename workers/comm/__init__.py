@@ -1,0 +1,27 @@
+"""torch.distributed only: process-group setup and expert-parallel dispatch / combine."""
+
+from workers.comm.dispatch import AllToAllDispatcher, combine, dispatch, exchange_counts
+from workers.comm.errors import CollectiveError, DispatchError, GroupConfigError
+from workers.comm.group import ProcessGroupHandle, create_group, free_port
+from workers.comm.local import LocalDispatcher, local_combine, local_dispatch
+from workers.comm.plan import DispatchPlan, TokenDispatcher, group_by_local_expert, unpermute
+
+__all__ = [
+    "AllToAllDispatcher",
+    "CollectiveError",
+    "DispatchError",
+    "DispatchPlan",
+    "GroupConfigError",
+    "LocalDispatcher",
+    "ProcessGroupHandle",
+    "TokenDispatcher",
+    "combine",
+    "create_group",
+    "dispatch",
+    "exchange_counts",
+    "free_port",
+    "group_by_local_expert",
+    "local_combine",
+    "local_dispatch",
+    "unpermute",
+]

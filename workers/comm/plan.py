@@ -1,0 +1,142 @@
+"""Routing bookkeeping for expert-parallel dispatch: the frozen `DispatchPlan` and the sorts behind it.
+
+Pure tensor math, no collectives: this module decides the order rows travel in and how many go where;
+`workers.comm.dispatch` moves them and `workers.comm.local` is the in-process (EP=1) path. It knows
+nothing about experts' weights or about which global expert a local index stands for.
+
+Shape legend:
+    D  model dim (any trailing row width)
+    N  rows this rank sends (T tokens * K top-k)
+    M  rows this rank receives
+    R  ranks in the group
+    e  local experts on one rank; e_max the maximum over ranks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from workers.comm.errors import DispatchError
+
+
+@dataclass(frozen=True, eq=False)
+class DispatchPlan:
+    """What `dispatch` did, so that `combine` can send every row back to its original position."""
+
+    permutation_N: torch.Tensor  # [N] int64: x_ND[permutation_N] is sorted by (dest rank, local expert)
+    send_counts_RE: torch.Tensor  # [R, e_max] int64: rows this rank sends to each (rank, local expert)
+    recv_counts_RE: torch.Tensor  # [R, e_max] int64: rows received from each source, per local expert
+    input_splits: tuple[int, ...]  # [R] rows sent to each rank
+    output_splits: tuple[int, ...]  # [R] rows received from each rank
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.input_splits)
+
+    @property
+    def num_sent(self) -> int:
+        return sum(self.input_splits)
+
+    @property
+    def num_received(self) -> int:
+        return sum(self.output_splits)
+
+
+def plan_sends(
+    dest_rank_N: torch.Tensor,
+    dest_local_expert_N: torch.Tensor,
+    *,
+    num_ranks: int,
+    num_local_experts_max: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (permutation_N, send_counts_RE): a stable sort of the rows by (dest rank, local expert)."""
+    check_destinations(
+        dest_rank_N, dest_local_expert_N, num_ranks=num_ranks, num_local_experts_max=num_local_experts_max
+    )
+    key_N = dest_rank_N.long() * num_local_experts_max + dest_local_expert_N.long()  # [N]
+    permutation_N = torch.argsort(key_N, stable=True)  # [N]
+    send_counts_RE = torch.bincount(key_N, minlength=num_ranks * num_local_experts_max)
+    return permutation_N, send_counts_RE.view(num_ranks, num_local_experts_max)
+
+
+def check_destinations(
+    dest_rank_N: torch.Tensor,
+    dest_local_expert_N: torch.Tensor,
+    *,
+    num_ranks: int,
+    num_local_experts_max: int,
+) -> None:
+    if num_local_experts_max < 1:
+        raise DispatchError(f"num_local_experts_max must be at least 1, got {num_local_experts_max}")
+    for name, tensor in (("dest_rank_N", dest_rank_N), ("dest_local_expert_N", dest_local_expert_N)):
+        if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise DispatchError(
+                f"{name} must be a 1-D integer tensor, got {tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+    if dest_rank_N.shape != dest_local_expert_N.shape:
+        raise DispatchError(
+            f"dest_rank_N has {dest_rank_N.numel()} rows "
+            f"but dest_local_expert_N has {dest_local_expert_N.numel()}"
+        )
+    if dest_rank_N.numel() == 0:
+        return
+    bad_N = (dest_rank_N < 0) | (dest_rank_N >= num_ranks)  # [N]
+    bad_N |= (dest_local_expert_N < 0) | (dest_local_expert_N >= num_local_experts_max)
+    if bool(bad_N.any()):
+        row = int(bad_N.nonzero()[0, 0])
+        raise DispatchError(
+            f"row {row} is routed to rank {int(dest_rank_N[row])}, local expert "
+            f"{int(dest_local_expert_N[row])}, outside {num_ranks} ranks x "
+            f"{num_local_experts_max} local experts"
+        )
+
+
+def received_local_experts(recv_counts_RE: torch.Tensor, *, num_received: int) -> torch.Tensor:
+    """Local expert id of each received row, given rows arrive by source rank, then by local expert."""
+    num_ranks, num_local_experts_max = recv_counts_RE.shape
+    experts_RE = torch.arange(num_local_experts_max, device=recv_counts_RE.device).repeat(num_ranks)
+    # output_size spares CUDA a device-to-host sync
+    return torch.repeat_interleave(experts_RE, recv_counts_RE.reshape(-1), output_size=num_received)  # [M]
+
+
+def group_by_local_expert(
+    recv_local_expert_M: torch.Tensor, *, num_local_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (permutation_M, counts_e) so `recv_x_MD[permutation_M]` holds each local expert's rows
+    contiguously (expert 0 first, sources in rank order inside each expert), `counts_e` rows apiece.
+
+    Undo it before `combine` with `y_MD = unpermute(y_grouped_MD, permutation_M)`.
+    """
+    if recv_local_expert_M.numel() and int(recv_local_expert_M.max()) >= num_local_experts:
+        raise DispatchError(
+            f"received a row for local expert {int(recv_local_expert_M.max())} "
+            f"but this rank holds {num_local_experts} experts"
+        )
+    permutation_M = torch.argsort(recv_local_expert_M, stable=True)  # [M]
+    counts_e = torch.bincount(recv_local_expert_M, minlength=num_local_experts)  # [e]
+    return permutation_M, counts_e
+
+
+def unpermute(sorted_ND: torch.Tensor, permutation_N: torch.Tensor) -> torch.Tensor:
+    """Inverse of `x_ND[permutation_N]`: puts row i of `sorted_ND` back at position permutation_N[i]."""
+    out_ND = torch.empty_like(sorted_ND)
+    out_ND[permutation_N] = sorted_ND
+    return out_ND
+
+
+class TokenDispatcher(Protocol):
+    """The transport seam: `AllToAllDispatcher` (EP > 1) and `LocalDispatcher` (EP = 1) implement it."""
+
+    def dispatch(
+        self,
+        x_ND: torch.Tensor,
+        dest_rank_N: torch.Tensor,
+        dest_local_expert_N: torch.Tensor,
+        *,
+        num_local_experts_max: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]: ...
+
+    def combine(self, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor: ...
