@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test lint protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 # Runs the embedded default model (models/mixserve-tiny) through the engine.
 serve: $(STAMP)
 	$(BIN)/mixserve generate --prompt 'def fibonacci(n):' --max-new-tokens 64
+
+# Regenerates protos/mixserve_pb2*.py from protos/mixserve.proto (a test checks they are current).
+protos: $(STAMP)
+	$(BIN)/python -m protos.generate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -16,12 +16,14 @@ import torch
 
 from cluster.engine import LLMEngine
 from cluster.engine_loop import EngineLoop
+from cluster.engine_stats import StatsSnapshot
 from cluster.requests import GenerationRequest, SequenceUpdate
 from cluster.scheduler import SchedulerConfig
 from workers.comm import ProcessGroupHandle, create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
 from workers.model.weights import DenseWeights, ExpertShard, load_dense_weights, load_expert_shard
+from workers.runtime.attention_rank import LocalExperts
 from workers.runtime.distributed_experts import DistributedExperts
 from workers.runtime.expert_rank import ExpertRank
 from workers.runtime.local_build import assemble_attention_rank
@@ -112,8 +114,11 @@ class ExpertWorker:
 
 
 class Coordinator:
+    """Rank 0: dense weights, KV cache, scheduler and engine loop. With no expert workers
+    (`parallel` is None) it also holds every expert and runs them in-process."""
+
     def __init__(
-        self, settings: RankSettings, parallel: ParallelConfig, scheduler: SchedulerConfig, ranks_on_host: int
+        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, ranks_on_host: int
     ) -> None:
         self.threads = set_threads(settings, ranks_on_host)
         self.settings = settings
@@ -121,42 +126,58 @@ class Coordinator:
         self.scheduler = scheduler
         self.group: ProcessGroupHandle | None = None
         self.loop: EngineLoop | None = None
-        self.experts: DistributedExperts | None = None
+        self.experts: DistributedExperts | LocalExperts | None = None
         self.cfg: ModelConfig | None = None
         self.dense: DenseWeights | None = None
+        self.local_shard: ExpertShard | None = None
 
     def rendezvous_address(self) -> str:
         ip = ray.util.get_node_ip_address()
         return f"tcp://{ip}:{free_port(ip)}"
 
     def load(self) -> list[str]:
-        """Reads the dense (non-expert) weights; returns their tensor names."""
+        """Reads the dense weights (and every expert when there are no expert workers)."""
+        device = _device(self.settings)
         try:
             self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
             reader = CheckpointReader(self.settings.model_dir)
-            self.dense = load_dense_weights(reader, self.cfg, dtype=self.settings.dtype, device=_device(self.settings))
+            self.dense = load_dense_weights(reader, self.cfg, dtype=self.settings.dtype, device=device)
+            if self.parallel is None:
+                all_experts = tuple(range(self.cfg.num_local_experts))
+                self.local_shard = load_expert_shard(
+                    reader, self.cfg, all_experts, dtype=self.settings.dtype, device=device
+                )
         except Exception as exc:
-            raise WorkerStartError(f"coordinator failed to load the dense weights: {exc}") from exc
-        return list(self.dense.tensor_names)
+            raise WorkerStartError(f"coordinator failed to load its weights: {exc}") from exc
+        return self.inventory()
 
-    def join_group(self, init_method: str, kv_blocks: int, block_size: int) -> None:
-        assert self.dense is not None and self.cfg is not None, "coordinator: load() before join_group()"
-        try:
-            self.group = create_group(
-                backend=self.settings.backend, init_method=init_method, rank=0,
-                world_size=self.parallel.world_size, timeout_s=self.settings.collective_timeout_s,
-                device=_device(self.settings),
-            )
-        except Exception as exc:
-            raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
-        self.experts = DistributedExperts(self.parallel, group=self.group.group, device=self.group.device)
+    def start(self, init_method: str | None, kv_blocks: int, block_size: int) -> None:
+        """Joins the expert-parallel group (all ranks at once) and starts the engine loop."""
+        assert self.dense is not None and self.cfg is not None, "coordinator: load() before start()"
+        keepalive = None
+        if self.parallel is None:
+            assert self.local_shard is not None
+            self.experts = LocalExperts(self.local_shard)
+        else:
+            assert init_method is not None, "an expert-parallel coordinator needs a rendezvous address"
+            try:
+                self.group = create_group(
+                    backend=self.settings.backend, init_method=init_method, rank=0,
+                    world_size=self.parallel.world_size, timeout_s=self.settings.collective_timeout_s,
+                    device=_device(self.settings),
+                )
+            except Exception as exc:
+                raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
+            self.experts = DistributedExperts(self.parallel, group=self.group.group, device=self.group.device)
+            keepalive = self.experts.keepalive
         rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size)
-        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=self.experts.keepalive,
+        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
         self.loop.start()
 
     def inventory(self) -> list[str]:
-        return list(self.dense.tensor_names) if self.dense else []
+        names = list(self.dense.tensor_names) if self.dense else []
+        return names + (list(self.local_shard.tensor_names) if self.local_shard else [])
 
     def submit(self, request: GenerationRequest) -> None:
         assert self.loop is not None
@@ -166,16 +187,12 @@ class Coordinator:
         assert self.loop is not None
         self.loop.abort(request_id)
 
-    def drain(self, timeout_s: float) -> list[SequenceUpdate]:
+    def drain(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
         assert self.loop is not None
         return self.loop.drain(timeout_s)
 
     def failure(self) -> str | None:
         return self.loop.failure if self.loop else None
-
-    def kv_usage(self) -> float:
-        assert self.loop is not None
-        return self.loop.engine.rank.pool.usage
 
     def stop(self) -> None:
         """Stops the loop, tells the expert ranks to stop, and leaves the group."""
@@ -183,7 +200,7 @@ class Coordinator:
             return
         self.loop.stop()
         try:
-            if self.loop.failure is None and self.experts is not None:
+            if self.loop.failure is None and isinstance(self.experts, DistributedExperts):
                 self.experts.stop()
         finally:
             if self.group is not None:

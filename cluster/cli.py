@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cluster.errors import MixServeError
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.ray_session import ray_session
 from cluster.requests import GenerationRequest
+from cluster.scheduler import SchedulerConfig
 from cluster.settings import DEFAULT_MODEL_DIR, EngineSettings, resolve_device, resolve_dtype
 from cluster.tokenizer import TextTokenizer, require_tokenizer
 from workers.config import ModelConfig
@@ -52,6 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     source.add_argument("--token-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    srv = sub.add_parser("serve", help="serve the gRPC API (gateway + Ray coordinator and expert workers)")
+    _add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="gRPC bind address (0.0.0.0 for all interfaces)")
+    srv.add_argument("--port", type=int, default=50051)
+    srv.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address")
+    srv.add_argument("--metrics-port", type=int, default=9400)
+    srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
+    srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step (chunked prefill)")
+    srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
+    srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+
+    cli = sub.add_parser("client", help="stream a completion from a running server")
+    cli.add_argument("--target", default="127.0.0.1:50051")
+    source = cli.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--token-ids")
+    _add_sampling_args(cli)
+    cli.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    cli.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     return parser
 
 
@@ -103,12 +126,43 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from cluster.gateway.server import GatewayOptions
+    from cluster.gateway.validation import RequestLimits
+    from cluster.serve import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                                max_waiting=args.max_waiting)
+    options = GatewayOptions(host=args.host, port=args.port, metrics_host=args.metrics_host,
+                             metrics_port=args.metrics_port, grace_s=args.grace,
+                             limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit))
+    serve(_settings(args), _cluster_options(args), scheduler, options, args.ray_address)
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from cluster.client import stream_completion
+    from protos import mixserve_pb2 as pb
+
+    sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, ignore_eos=args.ignore_eos, stop=args.stop)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = pb.GenerateRequest(sampling=sampling)
+    if args.prompt is not None:
+        request.prompt = args.prompt
+    else:
+        request.prompt_token_ids.extend(int(t) for t in args.token_ids.split(","))
+    return stream_completion(args.target, request, timeout_s=args.timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return {"generate": run_generate}[args.command](args)
+        return {"generate": run_generate, "serve": run_serve, "client": run_client}[args.command](args)
     except (MixServeError, CheckpointError, ValueError) as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return 2

@@ -6,8 +6,11 @@ attention rank (whose experts may live anywhere) and samples.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from cluster.engine_stats import EngineStats
 from cluster.errors import InvalidRequest
 from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
 from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
@@ -22,7 +25,8 @@ class LLMEngine:
         self.cfg = rank.model.cfg
         self.scheduler = Scheduler(config or SchedulerConfig(), rank.pool)
         self.sequences: dict[str, Sequence] = {}
-        self.last_timings = StepTimings()
+        self.stats = EngineStats(rank.model.cfg.num_hidden_layers, rank.model.cfg.num_local_experts)
+        rank.routed_tokens_LE = self.stats.routed_tokens_LE
 
     @property
     def max_model_len(self) -> int:
@@ -49,7 +53,7 @@ class LLMEngine:
 
     def add_request(self, request: GenerationRequest) -> None:
         self.validate(request)
-        seq = Sequence(request=request, generator=request.sampling.make_generator())
+        seq = Sequence(request=request, generator=request.sampling.make_generator(), arrival=time.monotonic())
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -68,21 +72,27 @@ class LLMEngine:
         if not plan:
             return []
         timings = StepTimings()
+        now = time.monotonic()
+        for s in plan:
+            if s.seq.first_scheduled is None:
+                s.seq.first_scheduled = now
         token_ids = [t for s in plan for t in s.seq.all_ids[s.chunk.start : s.chunk.start + s.chunk.num_new]]
         h_TD = self.rank.forward(torch.tensor(token_ids, dtype=torch.int64), [s.chunk for s in plan], timings)
         sampled = [s for s in plan if s.completes]
-        if not sampled:
-            self.last_timings = timings
-            return []
+        updates = self._sample(plan, sampled, h_TD, timings) if sampled else []
+        self.stats.record_step(len(plan), len(token_ids), timings)
+        return updates
+
+    def _sample(
+        self, plan: list[ScheduledChunk], sampled: list[ScheduledChunk], h_TD: torch.Tensor, timings: StepTimings
+    ) -> list[SequenceUpdate]:
         ends = torch.tensor([s.chunk.num_new for s in plan]).cumsum(0) - 1
         rows = torch.tensor([int(ends[i]) for i, s in enumerate(plan) if s.completes])
         with timings.phase("sampling"):
             logits_BV = self.rank.logits(h_TD[rows.to(h_TD.device)])
             params = [s.seq.request.sampling for s in sampled]
             ids_B, logprobs_B = sample_next(logits_BV, params, [s.seq.generator for s in sampled])
-            updates = [self._append(s, int(t), float(lp)) for s, t, lp in zip(sampled, ids_B, logprobs_B, strict=True)]
-        self.last_timings = timings
-        return updates
+            return [self._append(s, int(t), float(lp)) for s, t, lp in zip(sampled, ids_B, logprobs_B, strict=True)]
 
     def _append(self, scheduled: ScheduledChunk, token_id: int, logprob: float) -> SequenceUpdate:
         seq = scheduled.seq
@@ -92,7 +102,10 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.remove(seq)
             del self.sequences[seq.request.request_id]
-        return SequenceUpdate(seq.request.request_id, (token_id,), (logprob,), reason)
+        queue_s = None
+        if len(seq.output_ids) == 1 and seq.first_scheduled is not None:
+            queue_s = seq.first_scheduled - seq.arrival
+        return SequenceUpdate(seq.request.request_id, (token_id,), (logprob,), reason, queue_seconds=queue_s)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         request = seq.request

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 
 from cluster.engine import LLMEngine
-from cluster.errors import WorkerUnavailable
+from cluster.engine_stats import StatsSnapshot, merge_snapshots
+from cluster.errors import Overloaded, WorkerUnavailable
 from cluster.requests import GenerationRequest, SequenceUpdate
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ class EngineLoop:
         self, engine: LLMEngine, *, keepalive: Callable[[], None] | None = None, keepalive_interval_s: float = 2.0
     ) -> None:
         self.engine = engine
+        self.max_waiting = engine.scheduler.config.max_waiting
+        self._stats: list[StatsSnapshot] = []
         self.keepalive = keepalive
         self.keepalive_interval_s = keepalive_interval_s
         self._cond = threading.Condition()
@@ -43,6 +46,9 @@ class EngineLoop:
             raise WorkerUnavailable(self.failure)
         self.engine.validate(request)  # config-only checks; raises InvalidRequest naming the field
         with self._cond:
+            waiting = len(self._inbox) + len(self.engine.scheduler.waiting)
+            if waiting >= self.max_waiting:
+                raise Overloaded(f"the waiting queue is full ({waiting} requests); retry later")
             self._inbox.append(request)
             self._cond.notify_all()
 
@@ -51,12 +57,14 @@ class EngineLoop:
             self._aborts.append(request_id)
             self._cond.notify_all()
 
-    def drain(self, timeout_s: float) -> list[SequenceUpdate]:
-        """All updates since the last drain; waits up to timeout_s for at least one."""
+    def drain(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
+        """All updates since the last drain, and the engine's stats over that time; waits up to timeout_s
+        for at least one update."""
         with self._cond:
-            self._cond.wait_for(lambda: self._outbox or self._stopping, timeout=timeout_s)
+            self._cond.wait_for(lambda: self._outbox or self._stopping or self.failure, timeout=timeout_s)
             out, self._outbox = self._outbox, []
-            return out
+            stats, self._stats = self._stats, []
+            return out, merge_snapshots(stats)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         with self._cond:
@@ -100,8 +108,15 @@ class EngineLoop:
         return rejected
 
     def _publish(self, updates: list[SequenceUpdate]) -> None:
-        if updates:
-            with self._cond:
+        engine = self.engine
+        snapshot = engine.stats.take(
+            num_running=len(engine.scheduler.running), num_waiting=len(engine.scheduler.waiting),
+            kv_cache_usage=engine.rank.pool.usage,
+        )
+        with self._cond:
+            merged = merge_snapshots([*self._stats, snapshot])
+            self._stats = [merged] if merged else []
+            if updates:
                 self._outbox.extend(updates)
                 self._cond.notify_all()
 

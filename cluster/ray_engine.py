@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import Coordinator, ExpertWorker, RankSettings, WorkerStartError
 from cluster.engine_factory import num_kv_blocks
+from cluster.engine_stats import StatsSnapshot
 from cluster.errors import WorkerUnavailable
 from cluster.placement import contiguous_placement
 from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
@@ -38,8 +39,8 @@ class ClusterOptions:
     start_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1 for the Ray engine, got {self.num_workers}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.placement_strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
 
@@ -52,10 +53,12 @@ class RayExpertParallelEngine:
         self.options = options
         self.scheduler = scheduler or SchedulerConfig()
         self.cfg = ModelConfig.from_model_dir(settings.model_dir)
-        self.placement = contiguous_placement(self.cfg.num_local_experts, options.num_workers)
-        self.parallel = ParallelConfig(
-            worker_of_expert=self.placement.worker_of_expert, collective_timeout_s=options.collective_timeout_s
-        )
+        self.placement = contiguous_placement(self.cfg.num_local_experts, max(options.num_workers, 1))
+        self.parallel = None
+        if options.num_workers:
+            self.parallel = ParallelConfig(
+                worker_of_expert=self.placement.worker_of_expert, collective_timeout_s=options.collective_timeout_s
+            )
         self.pg = None
         self.coordinator = None
         self.workers: list = []
@@ -77,7 +80,7 @@ class RayExpertParallelEngine:
         return {"CPU": self.options.cpus_per_rank} | ({"GPU": 1.0} if gpu else {})
 
     def _place(self) -> None:
-        world = self.parallel.world_size
+        world = self.options.num_workers + 1
         self.pg = placement_group([self._bundle()] * world, strategy=self.options.placement_strategy)
         try:
             ray.get(self.pg.ready(), timeout=self.options.start_timeout_s)
@@ -125,13 +128,15 @@ class RayExpertParallelEngine:
             raise WorkerStartError("; ".join(errors))
 
     def _join_all(self) -> None:
-        self.rendezvous = ray.get(self.coordinator.rendezvous_address.remote())
+        if self.parallel is not None:
+            self.rendezvous = ray.get(self.coordinator.rendezvous_address.remote())
         kv_blocks = num_kv_blocks(self.settings, self.cfg)
-        refs = [self.coordinator.join_group.remote(self.rendezvous, kv_blocks, self.settings.block_size)]
-        refs += [
-            w.join_group.remote(self.rendezvous, self.parallel.world_size, self.parallel.max_local_experts)
-            for w in self.workers
-        ]
+        refs = [self.coordinator.start.remote(self.rendezvous, kv_blocks, self.settings.block_size)]
+        if self.parallel is not None:
+            refs += [
+                w.join_group.remote(self.rendezvous, self.parallel.world_size, self.parallel.max_local_experts)
+                for w in self.workers
+            ]
         try:
             ray.get(refs, timeout=self.options.start_timeout_s)
         except ray.exceptions.RayTaskError as exc:
@@ -168,7 +173,31 @@ class RayExpertParallelEngine:
         _unwrap(self.coordinator.abort.remote(request_id))
 
     def drain(self, timeout_s: float) -> list[SequenceUpdate]:
+        return self.drain_with_stats(timeout_s)[0]
+
+    def drain_with_stats(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
         return _unwrap(self.coordinator.drain.remote(timeout_s))
+
+    def drain_ref(self, timeout_s: float):
+        """The ObjectRef of a drain, for asyncio callers (`await ref`)."""
+        return self.coordinator.drain.remote(timeout_s)
+
+    def workers_up(self) -> list[bool]:
+        """Per expert worker: still serving (its loop has not returned or died)."""
+        if not self.worker_runs:
+            return [False] * self.options.num_workers
+        done, _ = ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=0)
+        finished = {ref.hex() for ref in done}
+        return [ref.hex() not in finished for ref in self.worker_runs]
+
+    def healthy(self) -> bool:
+        if self.coordinator is None:
+            return False
+        try:
+            failure = ray.get(self.coordinator.failure.remote(), timeout=5)
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+        return failure is None and all(self.workers_up())
 
     def generate(self, requests: list[GenerationRequest], timeout_s: float = 600.0) -> list[GenerationResult]:
         """Runs the requests together; raises WorkerUnavailable if a worker failure lost any of them."""

@@ -26,6 +26,7 @@ class SequenceUpdate:
     logprobs: tuple[float, ...]
     finish_reason: str | None = None  # "stop" | "length" | "eos" | "abort" | "error"
     error: str | None = None  # set with finish_reason "error": the request was lost to a worker failure
+    queue_seconds: float | None = None  # on a request's first token: time from arrival to first scheduling
 
 
 @dataclass

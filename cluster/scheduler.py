@@ -37,6 +37,8 @@ class Sequence:
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    arrival: float = 0.0
+    first_scheduled: float | None = None
 
     @property
     def all_ids(self) -> list[int]:

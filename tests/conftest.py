@@ -33,3 +33,10 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> Path:
+    from tests.tiny_models import write_served_model
+
+    return write_served_model(tmp_path_factory.mktemp("served") / "m")

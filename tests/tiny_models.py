@@ -49,3 +49,33 @@ def write_tiny_mixtral(out_dir: Path, *, seed: int = 0, vocab_size: int = 256, s
 def write_variant(root: Path, name: str) -> Path:
     spec = dict(TINY_VARIANTS[name])
     return write_tiny_mixtral(root / name, **spec)
+
+
+CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "The quick brown fox jumps over the lazy dog. Über café naïve — 東京 日本語 😀 emoji.\n",
+    "import os\nimport sys\n\nclass Stack:\n    def push(self, item):\n        self.items.append(item)\n",
+]
+
+
+def write_byte_bpe_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A byte-level BPE with <unk>=0, <s>=1, </s>=2 that covers every byte, trained on a tiny corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    assert tokenizer.get_vocab_size() <= vocab_size
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+
+
+def write_served_model(out_dir: Path) -> Path:
+    """The e2e tests' model: 8 experts top-2, window, with a real tokenizer."""
+    write_tiny_mixtral(out_dir, vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                       sliding_window=32)
+    write_byte_bpe_tokenizer(out_dir, 320)
+    return out_dir

@@ -52,6 +52,9 @@ class AttentionRank:
         self.model = model
         self.pool = pool
         self.experts = experts
+        cfg = model.cfg
+        # rows routed to each (layer, expert); whoever owns the counter may replace it
+        self.routed_tokens_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.int64)
 
     def forward(
         self, token_ids_T: torch.Tensor, chunks: list[SequenceChunk], timings: StepTimings
@@ -71,6 +74,8 @@ class AttentionRank:
                 h_TD = self.model.attention_block(layer, h_TD, meta, rope, kv)
             with timings.phase("routing"):
                 x_TD, weights_TK, ids_TK = self.model.route(layer, h_TD)
+                num_experts = self.model.cfg.num_local_experts
+                self.routed_tokens_LE[layer] += torch.bincount(ids_TK.reshape(-1).cpu(), minlength=num_experts)
             h_TD = h_TD + self.experts.moe(layer, x_TD, weights_TK, ids_TK, timings)
         for chunk in chunks:
             chunk.blocks.num_cached = chunk.start + chunk.num_new

@@ -1,0 +1,72 @@
+"""What the engine did since the last look: per-step batch sizes and phase times, routed tokens per
+(layer, expert). The engine loop hands a snapshot out with every drain; metrics read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.runtime.timing import StepTimings
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    batch_sizes: tuple[int, ...]
+    batch_tokens: tuple[int, ...]
+    phase_seconds: tuple[dict[str, float], ...]
+    routed_tokens_LE: tuple[tuple[int, ...], ...]  # since the previous snapshot
+
+
+@dataclass
+class EngineStats:
+    num_layers: int
+    num_experts: int
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_tokens: list[int] = field(default_factory=list)
+    phase_seconds: list[dict[str, float]] = field(default_factory=list)
+    routed_tokens_LE: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.routed_tokens_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
+
+    def record_step(self, num_sequences: int, num_tokens: int, timings: StepTimings) -> None:
+        self.batch_sizes.append(num_sequences)
+        self.batch_tokens.append(num_tokens)
+        self.phase_seconds.append(dict(timings.seconds))
+
+    def take(self, *, num_running: int, num_waiting: int, kv_cache_usage: float) -> StatsSnapshot:
+        """A snapshot of everything since the last take; the per-step lists and counters restart."""
+        snapshot = StatsSnapshot(
+            num_running=num_running, num_waiting=num_waiting, kv_cache_usage=kv_cache_usage,
+            batch_sizes=tuple(self.batch_sizes), batch_tokens=tuple(self.batch_tokens),
+            phase_seconds=tuple(self.phase_seconds),
+            routed_tokens_LE=tuple(tuple(row) for row in self.routed_tokens_LE.tolist()),
+        )
+        self.batch_sizes.clear()
+        self.batch_tokens.clear()
+        self.phase_seconds.clear()
+        self.routed_tokens_LE.zero_()
+        return snapshot
+
+
+def merge_snapshots(snapshots: list[StatsSnapshot]) -> StatsSnapshot | None:
+    """One snapshot covering several: per-step lists concatenated, counters summed, gauges from the last."""
+    if not snapshots:
+        return None
+    last = snapshots[-1]
+    routed = [list(row) for row in snapshots[0].routed_tokens_LE]
+    for snap in snapshots[1:]:
+        for layer, row in enumerate(snap.routed_tokens_LE):
+            for expert, count in enumerate(row):
+                routed[layer][expert] += count
+    return StatsSnapshot(
+        num_running=last.num_running, num_waiting=last.num_waiting, kv_cache_usage=last.kv_cache_usage,
+        batch_sizes=tuple(b for s in snapshots for b in s.batch_sizes),
+        batch_tokens=tuple(b for s in snapshots for b in s.batch_tokens),
+        phase_seconds=tuple(p for s in snapshots for p in s.phase_seconds),
+        routed_tokens_LE=tuple(tuple(row) for row in routed),
+    )

@@ -1,0 +1,91 @@
+"""Prometheus metrics of the gateway, in their own registry (no global state), served on their own port.
+
+Label values are bounded: finish reasons, gRPC status names, phases, layer and expert indices, worker
+indices. Never request ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cluster.engine_stats import StatsSnapshot
+from workers.runtime.timing import PHASES
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class GatewayMetrics:
+    def __init__(self, *, num_layers: int, worker_of_expert: tuple[int, ...], num_workers: int) -> None:
+        self.registry = CollectorRegistry()
+        self.worker_of_expert = worker_of_expert
+        self.expert_workers = num_workers
+        r = self.registry
+        self.requests = Counter("mixserve_requests", "Finished requests by finish reason and gRPC status code",
+                                ["finish_reason", "code"], registry=r)
+        self.prompt_tokens = Counter("mixserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("mixserve_generation_tokens", "Generated tokens of finished requests",
+                                         registry=r)
+        self.ttft = Histogram("mixserve_time_to_first_token_seconds", "Time from arrival to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("mixserve_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("mixserve_e2e_request_latency_seconds", "Time from arrival to the last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("mixserve_request_queue_time_seconds", "Time from arrival to first scheduling",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("mixserve_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.phase = Histogram("mixserve_step_phase_seconds", "Engine step time by phase", ["phase"],
+                               buckets=STEP_BUCKETS, registry=r)
+        self.running = Gauge("mixserve_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("mixserve_num_requests_waiting", "Requests waiting for admission", registry=r)
+        self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.expert_tokens = Counter("mixserve_expert_routed_tokens", "Token rows routed to each expert",
+                                     ["layer", "expert"], registry=r)
+        self.worker_tokens = Counter("mixserve_worker_routed_tokens", "Token rows routed to each expert worker",
+                                     ["worker"], registry=r)
+        self.worker_up = Gauge("mixserve_worker_up", "1 while the expert worker serves", ["worker"], registry=r)
+        self.num_workers = Gauge("mixserve_num_expert_workers", "Configured expert workers", registry=r)
+        self.worker_failures = Counter("mixserve_worker_failures", "Expert worker failures detected", registry=r)
+        self.worker_recoveries = Counter("mixserve_worker_recoveries", "Recoveries after a worker failure",
+                                         registry=r)
+        self.num_workers.set(num_workers)
+        for phase in PHASES:
+            self.phase.labels(phase=phase)
+        for layer in range(num_layers):
+            for expert in range(len(worker_of_expert)):
+                self.expert_tokens.labels(layer=str(layer), expert=str(expert))
+        for worker in range(num_workers):
+            self.worker_tokens.labels(worker=str(worker))
+            self.worker_up.labels(worker=str(worker)).set(0)
+
+    def observe_stats(self, stats: StatsSnapshot) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        for size in stats.batch_sizes:
+            self.batch.observe(size)
+        for step in stats.phase_seconds:
+            for phase, seconds in step.items():
+                if seconds > 0:
+                    self.phase.labels(phase=phase).observe(seconds)
+        per_worker: dict[int, int] = {}
+        for layer, row in enumerate(stats.routed_tokens_LE):
+            for expert, count in enumerate(row):
+                if count:
+                    self.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(count)
+                    worker = self.worker_of_expert[expert]
+                    per_worker[worker] = per_worker.get(worker, 0) + count
+        if self.expert_workers:  # with no expert workers the experts run in the coordinator
+            for worker, count in per_worker.items():
+                self.worker_tokens.labels(worker=str(worker)).inc(count)
+
+    def observe_finished(self, *, finish_reason: str, code: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests.labels(finish_reason=finish_reason, code=code).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+
+    def set_workers_up(self, up: list[bool]) -> None:
+        for worker, alive in enumerate(up):
+            self.worker_up.labels(worker=str(worker)).set(1 if alive else 0)

@@ -1,0 +1,114 @@
+"""Builds and runs the gateway: the MixServe service, grpc.health.v1, reflection, and /metrics.
+
+Lifecycle: start() binds the ports; wait() serves until SIGTERM/SIGINT, then health goes NOT_SERVING,
+in-flight streams get a grace period to finish, and the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from cluster.gateway.engine_client import EngineClient
+from cluster.gateway.metrics import GatewayMetrics
+from cluster.gateway.reflection import enable_reflection
+from cluster.gateway.service import MixServeServicer
+from cluster.gateway.validation import RequestLimits
+from cluster.ray_engine import RayExpertParallelEngine
+from cluster.tokenizer import TextTokenizer
+from protos import mixserve_pb2 as pb
+from protos import mixserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MixServe"].full_name
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400
+    grace_s: float = 30.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+
+class Gateway:
+    def __init__(self, engine: RayExpertParallelEngine, options: GatewayOptions) -> None:
+        self.engine = engine
+        self.options = options
+        cfg = engine.cfg
+        self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers,
+                                      worker_of_expert=engine.placement.worker_of_expert,
+                                      num_workers=engine.options.num_workers)
+        self.client = EngineClient(engine, self.metrics)
+        self.tokenizer = TextTokenizer.from_model_dir(engine.settings.model_dir, cfg.bos_token_id)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server = None
+        self._stopped = asyncio.Event()
+
+    def model_info(self) -> pb.ModelInfo:
+        cfg, settings = self.engine.cfg, self.engine.settings
+        return pb.ModelInfo(
+            model=settings.model_dir.name, architecture="MixtralForCausalLM", vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_experts=cfg.num_local_experts,
+            experts_per_token=cfg.num_experts_per_tok, max_context=cfg.max_position_embeddings,
+            sliding_window=cfg.sliding_window or 0, num_expert_workers=self.engine.options.num_workers,
+            dtype=str(settings.dtype).removeprefix("torch."), device=settings.device.type,
+            max_new_tokens_limit=self.options.limits.max_new_tokens, has_tokenizer=self.tokenizer is not None,
+        )
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server()
+        servicer = MixServeServicer(client=self.client, cfg=self.engine.cfg, tokenizer=self.tokenizer,
+                                    limits=self.options.limits, model_info=self.model_info())
+        pb_grpc.add_MixServeServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        enable_reflection([SERVICE_NAME, health.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        self._metrics_server, _ = start_http_server(
+            self.options.metrics_port, addr=self.options.metrics_host, registry=self.metrics.registry
+        )
+        self.metrics_port = self._metrics_server.server_port
+        self.client.on_health_change = self._set_health
+        await self.client.start()
+        await self._set_health(self.client.healthy)
+        await self.server.start()
+        log.info("gateway serving on %s:%d, metrics on %s:%d", self.options.host, self.port,
+                 self.options.metrics_host, self.metrics_port)
+
+    async def _set_health(self, healthy: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, let in-flight requests finish within the grace period, then stop."""
+        if self._stopped.is_set() or self.server is None:
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.options.grace_s)
+        await self.client.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+        if self.server is not None:
+            await self.server.wait_for_termination()

@@ -1,0 +1,188 @@
+"""`mixserve.v1.MixServe` over grpc.aio: validate, submit, stream, and map typed errors to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from cluster.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from cluster.gateway.engine_client import EngineClient
+from cluster.gateway.metrics import GatewayMetrics
+from cluster.gateway.text_stream import TextStream
+from cluster.gateway.validation import RequestLimits, ValidatedRequest, validate_request
+from cluster.tokenizer import TextTokenizer
+from protos import mixserve_pb2 as pb
+from protos import mixserve_pb2_grpc as pb_grpc
+from workers.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestTrace:
+    """Per-request timing and counts, recorded into metrics when the request ends."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    queue_seconds: float = 0.0
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def tokens_arrived(self, count: int, metrics: GatewayMetrics) -> None:
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+            metrics.ttft.observe(now - self.arrival)
+            count -= 1
+        elif count:
+            gap = (now - (self.last_token or now)) / count
+            for _ in range(count):
+                metrics.itl.observe(gap)
+        if count >= 0:
+            self.last_token = now
+
+    def timings(self) -> pb.Timings:
+        now = time.monotonic()
+        ttft = (self.first_token - self.arrival) if self.first_token else 0.0
+        return pb.Timings(queue_seconds=self.queue_seconds, time_to_first_token_seconds=ttft,
+                          total_seconds=now - self.arrival)
+
+    def usage(self) -> pb.Usage:
+        return pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=len(self.token_ids),
+                        total_tokens=self.prompt_tokens + len(self.token_ids))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str
+
+
+class MixServeServicer(pb_grpc.MixServeServicer):
+    def __init__(self, *, client: EngineClient, cfg: ModelConfig, tokenizer: TextTokenizer | None,
+                 limits: RequestLimits, model_info: pb.ModelInfo) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.model_info = model_info
+        self.metrics = client.metrics
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.model_info
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        trace = RequestTrace()
+        validated = await self._admit(request, context, trace)
+        text, ids, logprobs, reason = [], [], [], ""
+        async for chunk in self._run(validated, context, trace):
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            reason = chunk.finish_reason or reason
+        return pb.GenerateResponse(
+            request_id=validated.engine_request.request_id, text="".join(text), token_ids=ids,
+            finish_reason=reason, usage=trace.usage(), logprobs=logprobs, timings=trace.timings(),
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        trace = RequestTrace()
+        validated = await self._admit(request, context, trace)
+        request_id = validated.engine_request.request_id
+        async for chunk in self._run(validated, context, trace):
+            last = bool(chunk.finish_reason)
+            yield pb.GenerateStreamResponse(
+                request_id=request_id, text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs,
+                finish_reason=chunk.finish_reason, usage=trace.usage() if last else None,
+                timings=trace.timings() if last else None,
+            )
+
+    async def _run(
+        self, validated: ValidatedRequest, context: grpc.aio.ServicerContext, trace: RequestTrace
+    ) -> AsyncIterator[Chunk]:
+        request_id = validated.engine_request.request_id
+        text = TextStream(self.tokenizer, list(validated.engine_request.prompt_token_ids), validated.stop)
+        finished = engine_done = False
+        code, reason = "CANCELLED", "abort"
+        try:
+            stream = await self.client.submit(validated.engine_request)
+            while not finished:
+                update = await stream.updates.get()
+                if update.error:
+                    code, reason, engine_done = "UNAVAILABLE", "error", True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"request lost: {update.error}")
+                engine_done = update.finish_reason is not None
+                chunk = self._chunk(update, validated, text, trace)
+                finished = bool(chunk.finish_reason)
+                if finished:
+                    code, reason = "OK", chunk.finish_reason
+                yield chunk
+        except (Overloaded, WorkerUnavailable, InvalidRequest) as exc:
+            code, reason, engine_done = _status(exc).name, "error", True
+            await context.abort(_status(exc), str(exc))
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = "DEADLINE_EXCEEDED"
+            raise
+        finally:
+            if engine_done:
+                self.client.release(request_id)
+            else:  # cancelled, deadline, or a stop string: free the engine's cache now
+                await asyncio.shield(self.client.abort(request_id))
+            self._record_end(trace, reason, code)
+
+    async def _admit(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: RequestTrace
+    ) -> ValidatedRequest:
+        try:
+            validated = validate_request(request, self.cfg, self.tokenizer, self.limits)
+        except InvalidRequest as exc:
+            self.metrics.requests.labels(finish_reason="error", code="INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.client.healthy:
+            self.metrics.requests.labels(finish_reason="error", code="UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "an expert worker is down; retry later")
+        trace.prompt_tokens = len(validated.engine_request.prompt_token_ids)
+        return validated
+
+    def _chunk(self, update, validated: ValidatedRequest, text: TextStream, trace: RequestTrace) -> Chunk:
+        if update.queue_seconds is not None:
+            trace.queue_seconds = update.queue_seconds
+            self.metrics.queue.observe(update.queue_seconds)
+        trace.tokens_arrived(len(update.token_ids), self.metrics)
+        trace.token_ids.extend(update.token_ids)
+        logprobs = tuple(update.logprobs) if validated.want_logprobs else ()
+        trace.logprobs.extend(logprobs)
+        delta, stopped = text.push(list(update.token_ids))
+        reason = update.finish_reason or ""
+        if stopped:
+            reason = "stop"
+        if reason:
+            delta += "" if stopped else text.finish()
+        return Chunk(delta, tuple(update.token_ids), logprobs, reason)
+
+    def _record_end(self, trace: RequestTrace, reason: str, code: str) -> None:
+        self.metrics.observe_finished(finish_reason=reason, code=code, prompt_tokens=trace.prompt_tokens,
+                                      completion_tokens=len(trace.token_ids))
+        if code == "OK":
+            self.metrics.e2e.observe(time.monotonic() - trace.arrival)
+
+
+def _status(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,31 @@
+"""`mixserve serve`: start the Ray engine (coordinator + expert workers) and the gRPC gateway, serve until
+SIGTERM, then drain and shut everything down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cluster.gateway.server import Gateway, GatewayOptions
+from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
+from cluster.ray_session import ray_session
+from cluster.scheduler import SchedulerConfig
+from cluster.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+async def _serve(engine: RayExpertParallelEngine, options: GatewayOptions) -> None:
+    gateway = Gateway(engine, options)
+    await gateway.start()
+    gateway.install_signal_handlers()
+    print(f"mixserve: serving {engine.settings.model_dir} on {options.host}:{gateway.port} "
+          f"(metrics http://{options.metrics_host}:{gateway.metrics_port}/metrics, "
+          f"{engine.options.num_workers} expert workers)", flush=True)
+    await gateway.wait()
+
+
+def serve(settings: EngineSettings, cluster: ClusterOptions, scheduler: SchedulerConfig, options: GatewayOptions,
+          ray_address: str | None) -> None:
+    with ray_session(ray_address, cluster.num_workers), RayExpertParallelEngine(settings, cluster, scheduler) as engine:
+        asyncio.run(_serve(engine, options))

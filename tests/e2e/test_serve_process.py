@@ -1,0 +1,92 @@
+"""`mixserve serve` as a process: the client command streams from it, a lost worker turns health to
+NOT_SERVING and requests to UNAVAILABLE, and SIGTERM drains an in-flight stream before exiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import mixserve_pb2 as pb
+from protos import mixserve_pb2_grpc as pb_grpc
+from workers.comm import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _start(model: Path, port: int, metrics_port: int, *extra: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--port", str(port),
+         "--metrics-port", str(metrics_port), "--threads", "1", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _wait_serving(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> grpc.Channel:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                return channel
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server did not become SERVING")
+
+
+def test_client_streams_then_sigterm_drains_in_flight_stream(served_model):
+    port, metrics_port = free_port(), free_port()
+    proc = _start(served_model, port, metrics_port, "--workers", "1", "--grace", "60")
+    try:
+        channel = _wait_serving(port, proc)
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        client = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "client", "--target", f"127.0.0.1:{port}", "--prompt", "def f(x):",
+             "--max-new-tokens", "8", "--ignore-eos"], capture_output=True, text=True, env=env, timeout=60,
+            check=False)
+        assert client.returncode == 0, client.stderr
+        assert "[length: " in client.stderr and "8 completion tokens" in client.stderr
+
+        stub = pb_grpc.MixServeStub(channel)
+        request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3],
+                                     sampling=pb.SamplingParams(max_new_tokens=150, temperature=0, ignore_eos=True))
+        stream = stub.GenerateStream(request, timeout=120)
+        first = next(stream)
+        os.kill(proc.pid, signal.SIGTERM)
+        rest = list(stream)  # the in-flight stream finishes during the grace period
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 150
+        assert rest[-1].finish_reason == "length"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_lost_worker_turns_health_and_requests_unavailable(ray_cluster, served_model):
+    import ray
+
+    from tests.e2e.harness import RunningGateway
+
+    with RunningGateway(served_model, workers=2) as server:
+        stub = health_pb2_grpc.HealthStub(server.channel)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        ray.kill(server.engine.workers[0], no_restart=True)
+        deadline = time.monotonic() + 20
+        while stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health stayed SERVING with a dead worker"
+            time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Generate(pb.GenerateRequest(prompt_token_ids=[1, 2]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
