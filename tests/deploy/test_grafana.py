@@ -1,0 +1,102 @@
+"""deploy/grafana/mixserve-dashboard.json (= helm/mixserve/files/mixserve-dashboard.json): structure, the
+metrics each panel queries, and that every panel expression is PromQL that Prometheus parses."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import combinations
+
+import pytest
+import yaml
+
+from tests.deploy.helpers import DEPLOY, METRIC_NAMES, find_tool, run
+
+DASHBOARD = DEPLOY / "grafana" / "mixserve-dashboard.json"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Identifiers followed by a selector or a range: metric names (functions are followed by "(").
+SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[)")
+METRIC = re.compile(r"\bmixserve_[a-z0-9_]+\b")
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(dashboard: dict) -> list[dict]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def targets(dashboard: dict) -> list[tuple[dict, dict]]:
+    return [(p, t) for p in panels(dashboard) for t in p["targets"]]
+
+
+def test_dashboard_identity_and_datasource_variable(dashboard):
+    assert dashboard["uid"] == "mixserve-overview" and dashboard["title"] == "mixserve"
+    assert "id" not in dashboard or dashboard["id"] is None, "a provisioned dashboard carries no database id"
+    (var,) = [v for v in dashboard["templating"]["list"] if v["name"] == "datasource"]
+    assert var["type"] == "datasource" and var["query"] == "prometheus"
+    assert "__inputs" not in dashboard, "the sidecar loads the JSON as is: no import placeholders"
+
+
+def test_every_panel_queries_prometheus_through_the_variable(dashboard):
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in panels(dashboard):
+        assert p["datasource"] == DATASOURCE, p["title"]
+        assert p["targets"], f"panel {p['title']!r} has no query"
+        for t in p["targets"]:
+            assert t["datasource"] == DATASOURCE, p["title"]
+            assert t["expr"].strip(), p["title"]
+
+
+def test_panel_queries_use_only_gateway_metrics(dashboard):
+    for p, t in targets(dashboard):
+        expr = t["expr"]
+        names = set(METRIC.findall(expr))
+        assert names, f"{p['title']!r}: {expr} queries no mixserve metric"
+        assert names <= METRIC_NAMES, f"{p['title']!r}: unknown metrics {names - METRIC_NAMES}"
+        assert set(SELECTOR.findall(expr)) <= METRIC_NAMES, f"{p['title']!r}: {expr}"
+        assert 'job="mixserve"' in expr, f"{p['title']!r}: select the gateway's job"
+        assert "$" not in expr, f"{p['title']!r}: keep queries free of dashboard variables so they run as is"
+        for window in re.findall(r"\[([^\]]+)\]", expr):
+            assert window in {"1m", "5m"}, f"{p['title']!r}: range [{window}]"
+
+
+def test_dashboard_covers_the_serving_signals(dashboard):
+    def queried(pattern: str) -> list[dict]:
+        return [p for p, t in targets(dashboard) if re.search(pattern, t["expr"])]
+
+    for pattern in [
+        r"rate\(mixserve_requests_total", r"mixserve_prompt_tokens_total", r"mixserve_generation_tokens_total",
+        r"histogram_quantile\(0\.5, .*mixserve_time_to_first_token_seconds_bucket",
+        r"histogram_quantile\(0\.99, .*mixserve_time_to_first_token_seconds_bucket",
+        r"histogram_quantile\(0\.5, .*mixserve_inter_token_latency_seconds_bucket",
+        r"histogram_quantile\(0\.99, .*mixserve_inter_token_latency_seconds_bucket",
+        r"mixserve_num_requests_waiting", r"mixserve_num_requests_running", r"mixserve_kv_cache_usage_ratio",
+        r"mixserve_batch_size", r"sum by \(phase\).*mixserve_step_phase_seconds", r"mixserve_worker_up",
+        r"mixserve_request_queue_time_seconds_bucket",
+    ]:
+        assert queried(pattern), f"no panel queries {pattern}"
+    expert_load = queried(r"by \(layer, expert\).*mixserve_expert_routed_tokens_total")
+    assert [p for p in expert_load if p["type"] == "heatmap"], "a layer x expert heatmap of the routed tokens"
+
+
+def test_panels_do_not_overlap(dashboard):
+    boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+    for (a, ga), (b, gb) in combinations(boxes, 2):
+        disjoint = (ga["x"] + ga["w"] <= gb["x"] or gb["x"] + gb["w"] <= ga["x"]
+                    or ga["y"] + ga["h"] <= gb["y"] or gb["y"] + gb["h"] <= ga["y"])
+        assert disjoint, f"panels {a!r} and {b!r} overlap"
+    assert all(g["x"] + g["w"] <= 24 for _, g in boxes)
+
+
+def test_every_panel_expression_parses_as_promql(dashboard, tmp_path):
+    """promtool has no parse-only command: the expressions go into a rules file as recording rules."""
+    rules = [{"record": f"mixserve:dashboard_panel_{p['id']}_{t['refId']}", "expr": t["expr"]}
+             for p, t in targets(dashboard)]
+    path = tmp_path / "dashboard-exprs.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = run([find_tool("promtool"), "check", "rules", str(path)])
+    assert f"SUCCESS: {len(rules)} rules found" in out.stdout, out.stdout + out.stderr
