@@ -66,6 +66,9 @@ class ExpertWorker:
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def threads_in_use(self) -> int:
         return torch.get_num_threads()
 
@@ -130,6 +133,9 @@ class Coordinator:
         self.cfg: ModelConfig | None = None
         self.dense: DenseWeights | None = None
         self.local_shard: ExpertShard | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def rendezvous_address(self) -> str:
         ip = ray.util.get_node_ip_address()

@@ -34,6 +34,10 @@ class IncrementalDetokenizer:
     the last few prompt tokens open the window, so a first generated "▁world" yields " world" (a continuation)
     where decoding the generated ids alone strips the space. Byte-level BPE decoders strip nothing, so for them
     the two agree and the prompt only costs a few decoded tokens.
+
+    Invalid UTF-8 from the model: byte-level decoders replace it locally, so the deltas still join to decode. The
+    byte-fallback decoder turns a whole run of <0xXX> tokens to U+FFFD once any of them is invalid, including bytes
+    that formed characters already emitted; those stay emitted, so only there the joined deltas can differ.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None) -> None:

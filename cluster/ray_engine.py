@@ -228,6 +228,13 @@ class RayExpertParallelEngine:
             out[f"worker {w}"] = ray.get(actor.inventory.remote())
         return out
 
+    def pids(self) -> dict[str, int]:
+        """Process id of the coordinator and of every expert worker (for memory and soak checks)."""
+        out = {"coordinator": ray.get(self.coordinator.pid.remote())}
+        for w, actor in enumerate(self.workers):
+            out[f"worker {w}"] = ray.get(actor.pid.remote())
+        return out
+
     def worker_stats(self) -> list[dict]:
         return ray.get([w.stats.remote() for w in self.workers])
 

@@ -249,3 +249,17 @@ def test_health_is_serving(server):
     for service in ("", "mixserve.v1.MixServe"):
         status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_v1_and_v1alpha_list_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2 as refl
+
+    for package in ("grpc.reflection.v1", "grpc.reflection.v1alpha"):
+        call = server.channel.stream_stream(
+            f"/{package}.ServerReflection/ServerReflectionInfo",
+            request_serializer=refl.ServerReflectionRequest.SerializeToString,
+            response_deserializer=refl.ServerReflectionResponse.FromString,
+        )
+        (response,) = list(call(iter([refl.ServerReflectionRequest(list_services="")]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+        assert {"mixserve.v1.MixServe", "grpc.health.v1.Health"} <= names, package
