@@ -17,6 +17,7 @@ import torch
 from cluster.engine import LLMEngine
 from cluster.engine_loop import EngineLoop
 from cluster.engine_stats import StatsSnapshot
+from cluster.errors import WorkerUnavailable
 from cluster.requests import GenerationRequest, SequenceUpdate
 from cluster.scheduler import SchedulerConfig
 from workers.comm import ProcessGroupHandle, create_group, free_port
@@ -185,17 +186,19 @@ class Coordinator:
         names = list(self.dense.tensor_names) if self.dense else []
         return names + (list(self.local_shard.tensor_names) if self.local_shard else [])
 
+    def _started_loop(self) -> EngineLoop:
+        if self.loop is None:
+            raise WorkerUnavailable("the coordinator is still starting")
+        return self.loop
+
     def submit(self, request: GenerationRequest) -> None:
-        assert self.loop is not None
-        self.loop.submit(request)
+        self._started_loop().submit(request)
 
     def abort(self, request_id: str) -> None:
-        assert self.loop is not None
-        self.loop.abort(request_id)
+        self._started_loop().abort(request_id)
 
     def drain(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
-        assert self.loop is not None
-        return self.loop.drain(timeout_s)
+        return self._started_loop().drain(timeout_s)
 
     def failure(self) -> str | None:
         return self.loop.failure if self.loop else None

@@ -7,6 +7,7 @@ Assumes Ray is already initialised by the entry point (a local cluster or `ray s
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class RayExpertParallelEngine:
         self.workers: list = []
         self.worker_runs: list = []
         self.rendezvous: str | None = None
+        self.restarts = 0
+        self._lifecycle = threading.RLock()
 
     # lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,9 +146,19 @@ class RayExpertParallelEngine:
             raise WorkerStartError(str(exc.cause) if exc.cause else str(exc)) from exc
         self.worker_runs = [w.run.remote() for w in self.workers]
 
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stops the loop and the expert ranks, then removes every actor and the placement group."""
-        if self.coordinator is not None:
+    def restart(self) -> None:
+        """Replaces every actor and re-forms the process group, e.g. after a worker or a node was lost.
+        Requests in flight on the old actors are lost (their callers see WorkerUnavailable)."""
+        with self._lifecycle:
+            log.warning("restarting the expert-parallel engine (restart %d)", self.restarts + 1)
+            self.shutdown(graceful=False)
+            self.start()
+            self.restarts += 1
+
+    def shutdown(self, timeout_s: float = 30.0, *, graceful: bool = True) -> None:
+        """Stops the loop and the expert ranks, then removes every actor and the placement group.
+        graceful=False skips the stop handshake (a peer is known to be dead) and kills at once."""
+        if self.coordinator is not None and graceful:
             try:
                 ray.get(self.coordinator.stop.remote(), timeout=timeout_s)
                 ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
@@ -167,7 +180,19 @@ class RayExpertParallelEngine:
 
     # requests ------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
-        _unwrap(self.coordinator.submit.remote(request))
+        _unwrap(self.submit_ref(request))
+
+    def _live_coordinator(self):
+        coordinator = self.coordinator
+        if coordinator is None:
+            raise WorkerUnavailable("the engine is (re)starting")
+        return coordinator
+
+    def submit_ref(self, request: GenerationRequest):
+        return self._live_coordinator().submit.remote(request)
+
+    def abort_ref(self, request_id: str):
+        return self._live_coordinator().abort.remote(request_id)
 
     def abort(self, request_id: str) -> None:
         _unwrap(self.coordinator.abort.remote(request_id))
@@ -180,7 +205,7 @@ class RayExpertParallelEngine:
 
     def drain_ref(self, timeout_s: float):
         """The ObjectRef of a drain, for asyncio callers (`await ref`)."""
-        return self.coordinator.drain.remote(timeout_s)
+        return self._live_coordinator().drain.remote(timeout_s)
 
     def workers_up(self) -> list[bool]:
         """Per expert worker: still serving (its loop has not returned or died)."""
@@ -191,10 +216,11 @@ class RayExpertParallelEngine:
         return [ref.hex() not in finished for ref in self.worker_runs]
 
     def healthy(self) -> bool:
-        if self.coordinator is None:
+        coordinator = self.coordinator
+        if coordinator is None:
             return False
         try:
-            failure = ray.get(self.coordinator.failure.remote(), timeout=5)
+            failure = ray.get(coordinator.failure.remote(), timeout=5)
         except (ray.exceptions.RayError, TimeoutError):
             return False
         return failure is None and all(self.workers_up())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -25,7 +26,10 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, engine: RayExpertParallelEngine, metrics: GatewayMetrics, *, poll_timeout_s: float = 0.5):
+    def __init__(
+        self, engine: RayExpertParallelEngine, metrics: GatewayMetrics, *, poll_timeout_s: float = 0.5,
+        auto_recover: bool = True,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.poll_timeout_s = poll_timeout_s
@@ -33,6 +37,7 @@ class EngineClient:
         self.healthy = False
         self._tasks: list[asyncio.Task] = []
         self.on_health_change = None
+        self.auto_recover = auto_recover
 
     async def start(self) -> None:
         self.healthy = await asyncio.to_thread(self.engine.healthy)
@@ -52,7 +57,7 @@ class EngineClient:
         stream = RequestStream(request.request_id)
         self.streams[request.request_id] = stream
         try:
-            await _call(self.engine.coordinator.submit.remote(request))
+            await _call(self.engine.submit_ref(request))
         except BaseException:
             self.streams.pop(request.request_id, None)
             raise
@@ -61,7 +66,7 @@ class EngineClient:
     async def abort(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
         with contextlib.suppress(MixServeError):
-            await _call(self.engine.coordinator.abort.remote(request_id))
+            await _call(self.engine.abort_ref(request_id))
 
     def release(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
@@ -70,9 +75,11 @@ class EngineClient:
         while True:
             try:
                 updates, stats = await _call(self.engine.drain_ref(self.poll_timeout_s))
-            except WorkerUnavailable as exc:
-                self._fail_all(str(exc))
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # the coordinator died or is being replaced: in-flight requests are lost
+                log.warning("drain failed (%s: %s); failing %d in-flight requests", type(exc).__name__, exc,
+                            len(self.streams))
+                self._fail_all(f"the engine is unavailable: {exc}")
+                await asyncio.sleep(0.5)
                 continue
             if stats is not None:
                 self.metrics.observe_stats(stats)
@@ -89,14 +96,32 @@ class EngineClient:
         while True:
             healthy = await asyncio.to_thread(self.engine.healthy)
             self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
-            if healthy != self.healthy:
-                log.warning("engine health changed: %s", "SERVING" if healthy else "NOT_SERVING")
-                if not healthy:
-                    self.metrics.worker_failures.inc()
-            self.healthy = healthy
-            if self.on_health_change is not None:
-                await self.on_health_change(healthy)
+            await self._set_healthy(healthy)
+            if not healthy and self.auto_recover:
+                await self._recover()
             await asyncio.sleep(1.0)
+
+    async def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            log.warning("engine health changed: %s", "SERVING" if healthy else "NOT_SERVING")
+            if not healthy:
+                self.metrics.worker_failures.inc()
+        self.healthy = healthy
+        if self.on_health_change is not None:
+            await self.on_health_change(healthy)
+
+    async def _recover(self) -> None:
+        """Replace the lost actors and re-form the group; the gateway keeps running throughout."""
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.engine.restart)
+        except Exception as exc:
+            log.error("recovery failed after %.1fs (%s); retrying", time.monotonic() - started, exc)
+            await asyncio.sleep(2.0)
+            return
+        self.metrics.worker_recoveries.inc()
+        log.warning("recovered in %.1fs", time.monotonic() - started)
+        await self._set_healthy(await asyncio.to_thread(self.engine.healthy))
 
 
 async def _call(ref):
