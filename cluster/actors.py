@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import ray
 import torch
 
@@ -44,6 +45,19 @@ class RankSettings:
     collective_timeout_s: float
 
 
+def bind_collectives_to_node_interface() -> str | None:
+    """gloo (and NCCL's bootstrap) bind to the hostname's address unless told an interface; point them at
+    the interface holding this node's Ray address, so ranks on different hosts can reach each other.
+    Called at the start of each rank process (an entry point), before the group forms."""
+    ip = ray.util.get_node_ip_address()
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            os.environ["NCCL_SOCKET_IFNAME"] = name
+            return name
+    return None
+
+
 def set_threads(settings: RankSettings, ranks_on_host: int) -> int:
     threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, ranks_on_host))
     torch.set_num_threads(threads)
@@ -55,6 +69,7 @@ class ExpertWorker:
         self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, ranks_on_host: int
     ) -> None:
         self.threads = set_threads(settings, ranks_on_host)
+        self.interface = bind_collectives_to_node_interface()
         self.name = f"expert worker {worker_index} (experts {','.join(map(str, expert_ids))})"
         self.worker_index = worker_index
         self.expert_ids = expert_ids
@@ -125,6 +140,7 @@ class Coordinator:
         self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, ranks_on_host: int
     ) -> None:
         self.threads = set_threads(settings, ranks_on_host)
+        self.interface = bind_collectives_to_node_interface()
         self.settings = settings
         self.parallel = parallel
         self.scheduler = scheduler

@@ -1,0 +1,120 @@
+"""Three hosts built from network namespaces: a Ray head (gateway + coordinator) and two Ray worker nodes
+holding the expert workers. Serve requests, kill one host's Ray node during 32 concurrent streams (each
+completes with the right tokens or gets UNAVAILABLE, none hangs), and check that the gateway recovers on
+the remaining hosts, back within 60 s, and the next 100 requests all succeed."""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import mixserve_pb2 as pb
+from protos import mixserve_pb2_grpc as pb_grpc
+from tests.e2e.test_gateway import offline
+from tests.multihost.netns import BIN, VirtualHosts, ray_env, start_ray_node
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(600)
+PORT = 50051
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    assert os.geteuid() == 0 and shutil.which("ip"), "the multi-host test needs root and iproute2 (ip netns)"
+    virtual = VirtualHosts(("a", "b", "c"))
+    try:
+        yield virtual.setup(), ray_env(tmp_path)
+    finally:
+        virtual.teardown()
+
+
+def _request(prompt, n):
+    return pb.GenerateRequest(prompt_token_ids=prompt,
+                              sampling=pb.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+
+
+def _wait(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.3)
+    raise AssertionError(f"{what} within {timeout_s}s")
+
+
+def _serving(channel) -> bool:
+    try:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3).status == SERVING
+    except grpc.RpcError:
+        return False
+
+
+def test_gateway_survives_losing_a_host(hosts, served_model, tmp_path):
+    (head, b, c), env = hosts
+    start_ray_node(head, head, env, is_head=True)
+    start_ray_node(b, head, env, is_head=False)
+    start_ray_node(c, head, env, is_head=False)
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
+    server = head.exec(
+        str(BIN / "python"), "-m", "cluster.cli", "serve", "--model", str(served_model), "--workers", "2",
+        "--placement", "SPREAD", "--ray-address", f"{head.ip}:6379", "--host", head.ip, "--port", str(PORT),
+        "--metrics-host", head.ip, "--collective-timeout", "8", "--threads", "1",
+        env=env | {"PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    try:
+        channel = grpc.insecure_channel(f"{head.ip}:{PORT}")
+        _wait(lambda: _serving(channel) or server.poll() is not None, 180, "the gateway did not come up")
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()
+        stub = pb_grpc.MixServeStub(channel)
+        prompts = [[1, 7 + i, 20 + i, 33] for i in range(8)]
+        expected = [offline(served_model, p, max_new=12) for p in prompts]
+        assert [list(stub.Generate(_request(p, 12), timeout=60).token_ids) for p in prompts] == expected
+
+        nodes = _ray_nodes(head, env)
+        assert {b.ip, c.ip} <= nodes, f"worker nodes missing from the cluster: {nodes}"
+        long_expected = [offline(served_model, p, max_new=80) for p in prompts]
+        with futures.ThreadPoolExecutor(32) as pool:
+            streams = [pool.submit(_stream, stub, prompts[i % 8], 80) for i in range(32)]
+            time.sleep(1.5)  # the streams are decoding
+            c.kill_all()  # host c (one expert worker) goes down
+            killed = time.monotonic()
+            outcomes = [f.result(timeout=120) for f in streams]  # nothing hangs
+        for i, outcome in enumerate(outcomes):
+            assert outcome == grpc.StatusCode.UNAVAILABLE or outcome == long_expected[i % 8], outcome
+        _wait(lambda: not _serving(channel), 15, "health stayed SERVING after a host died")
+        _wait(lambda: _serving(channel), 60 - (time.monotonic() - killed), "service was not back")
+        assert time.monotonic() - killed < 60
+        with futures.ThreadPoolExecutor(8) as pool:
+            after = list(pool.map(lambda i: list(stub.Generate(_request(prompts[i % 8], 12), timeout=60).token_ids),
+                                  range(100)))
+        assert after == [expected[i % 8] for i in range(100)]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _stream(stub, prompt: list[int], n: int) -> list[int] | grpc.StatusCode:
+    try:
+        return [t for chunk in stub.GenerateStream(_request(prompt, n), timeout=90) for t in chunk.token_ids]
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def _ray_nodes(head, env) -> set[str]:
+    script = ("import ray; ray.init(address='auto'); "
+              "print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))")
+    done = head.run(str(BIN / "python"), "-c", script, env=env | {"RAY_ADDRESS": f"{head.ip}:6379"})
+    return set(done.stdout.split())
