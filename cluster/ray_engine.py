@@ -93,18 +93,21 @@ class RayExpertParallelEngine:
                 f"{self.options.start_timeout_s}s (available: {ray.available_resources()})"
             ) from exc
         nodes = placement_group_table(self.pg)["bundles_to_node_id"]
-        per_node = Counter(nodes.values())
+        # The coordinator and the expert workers take turns (each waits in a collective while the other
+        # computes), so the coordinator may use every core of its host; expert workers compute at the same
+        # time, so they split their host's cores among themselves.
+        workers_per_node = Counter(nodes[b] for b in range(1, len(nodes)))
         rank_settings = RankSettings(
             model_dir=self.settings.model_dir, dtype=self.settings.dtype, device=self.settings.device.type,
             threads=self.options.threads_per_rank, backend="nccl" if self.settings.device.type == "cuda" else "gloo",
             collective_timeout_s=self.options.collective_timeout_s,
         )
         self.coordinator = self._actor(Coordinator, 0, max_concurrency=16).remote(
-            rank_settings, self.parallel, self.scheduler, per_node[nodes[0]]
+            rank_settings, self.parallel, self.scheduler, 1
         )
         self.workers = [
             self._actor(ExpertWorker, w + 1, max_concurrency=4).remote(
-                w, self.placement.experts_of_worker(w), rank_settings, per_node[nodes[w + 1]]
+                w, self.placement.experts_of_worker(w), rank_settings, workers_per_node[nodes[w + 1]]
             )
             for w in range(self.options.num_workers)
         ]

@@ -16,8 +16,9 @@ def ray_session(address: str | None, num_workers: int) -> Iterator[None]:
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:  # logical CPUs: one bundle per rank, even on a host with fewer cores
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False, log_to_driver=False)
+    else:  # a new local cluster (never one a stray `ray start` left behind); one logical CPU per rank at least
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
+                 log_to_driver=False)
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ def ray_cluster():
     """One local Ray cluster (token auth on, Ray's default; dashboard for the state API) shared by the session."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=True, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:

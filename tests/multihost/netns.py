@@ -86,6 +86,14 @@ class VirtualHosts:
             sh("ip", "link", "delete", f"ms-{name}-o", check=False)
         sh("ip", "link", "delete", BRIDGE, check=False)
         self.hosts = []
+        _forget_cluster_address()
+
+
+def _forget_cluster_address() -> None:
+    """`ray start --head` records its address for later `ray.init()` calls; drop it once that cluster is gone."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    if record.exists() and record.read_text().strip().startswith(SUBNET):
+        record.unlink()
 
 
 def ray_env(tmp: Path) -> dict[str, str]:
