@@ -1,5 +1,9 @@
 """Builds and runs the gateway: the MixServe service, grpc.health.v1, reflection, and /metrics.
 
+Security (TLS / mTLS, API keys, the receive limit) is configured by `SecurityOptions` and lives in
+cluster/gateway/security.py. The metrics port binds 127.0.0.1 unless told otherwise (0.0.0.0 in Kubernetes,
+where Prometheus scrapes the pod IP); it serves only aggregate metrics with bounded labels.
+
 Lifecycle: start() binds the ports; wait() serves until SIGTERM/SIGINT, then health goes NOT_SERVING,
 in-flight streams get a grace period to finish, and the server stops.
 """
@@ -18,6 +22,7 @@ from prometheus_client import start_http_server
 from cluster.gateway.engine_client import EngineClient
 from cluster.gateway.metrics import GatewayMetrics
 from cluster.gateway.reflection import enable_reflection
+from cluster.gateway.security import ApiKeyInterceptor, SecurityMaterial, SecurityOptions, load_security
 from cluster.gateway.service import MixServeServicer
 from cluster.gateway.validation import RequestLimits
 from cluster.ray_engine import RayExpertParallelEngine
@@ -37,6 +42,18 @@ class GatewayOptions:
     metrics_port: int = 9400
     grace_s: float = 30.0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    security: SecurityOptions = field(default_factory=SecurityOptions)
+    # A plaintext port serving grpc.health.v1 only, for Kubernetes gRPC probes (they cannot speak TLS).
+    health_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limits.max_prompt_chars > self.security.max_message_bytes:
+            raise ValueError(
+                f"max_prompt_chars ({self.limits.max_prompt_chars}) exceeds max_message_bytes "
+                f"({self.security.max_message_bytes}): a prompt that long could never arrive"
+            )
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise ValueError(f"health_port ({self.health_port}) must differ from port and metrics_port")
 
 
 class Gateway:
@@ -51,7 +68,9 @@ class Gateway:
         self.tokenizer = TextTokenizer.from_model_dir(engine.settings.model_dir, cfg.bos_token_id)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port = 0
+        self.health_port = 0
         self.metrics_port = 0
         self._metrics_server = None
         self._stopped = asyncio.Event()
@@ -68,13 +87,13 @@ class Gateway:
         )
 
     async def start(self) -> None:
-        self.server = grpc.aio.server()
-        servicer = MixServeServicer(client=self.client, cfg=self.engine.cfg, tokenizer=self.tokenizer,
-                                    limits=self.options.limits, model_info=self.model_info())
-        pb_grpc.add_MixServeServicer_to_server(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection([SERVICE_NAME, health.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        security = self.options.security
+        material = load_security(security)  # before binding anything: a bad file fails the start cleanly
+        self.server = self._build_server(material)
+        if self.options.health_port is not None:
+            self.health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{self.options.host}:{self.options.health_port}")
         self._metrics_server, _ = start_http_server(
             self.options.metrics_port, addr=self.options.metrics_host, registry=self.metrics.registry
         )
@@ -83,8 +102,30 @@ class Gateway:
         await self.client.start()
         await self._set_health(self.client.healthy)
         await self.server.start()
-        log.info("gateway serving on %s:%d, metrics on %s:%d", self.options.host, self.port,
-                 self.options.metrics_host, self.metrics_port)
+        if self.health_server is not None:
+            await self.health_server.start()
+        log.info("gateway serving on %s:%d (%s), metrics on %s:%d", self.options.host, self.port,
+                 security.describe(), self.options.metrics_host, self.metrics_port)
+        if self.options.host not in ("127.0.0.1", "::1", "localhost") and not (security.tls or material.key_digests):
+            log.warning("gateway listens on %s in plaintext without API keys: anyone who reaches the port can "
+                        "use the model (see --tls-cert and --api-keys-file)", self.options.host)
+
+    def _build_server(self, material: SecurityMaterial) -> grpc.aio.Server:
+        """MixServe + health + reflection on one port, behind the API-key check when keys are configured."""
+        interceptors = [ApiKeyInterceptor(material.key_digests)] if material.key_digests else []
+        limit = self.options.security.max_message_bytes
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", limit)])
+        servicer = MixServeServicer(client=self.client, cfg=self.engine.cfg, tokenizer=self.tokenizer,
+                                    limits=self.options.limits, model_info=self.model_info())
+        pb_grpc.add_MixServeServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
+        address = f"{self.options.host}:{self.options.port}"
+        if material.credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, material.credentials)
+        return server
 
     async def _set_health(self, healthy: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -103,6 +144,8 @@ class Gateway:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.options.grace_s)
+        if self.health_server is not None:  # probes saw NOT_SERVING during the drain
+            await self.health_server.stop(0)
         await self.client.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -1,4 +1,7 @@
-"""Runs a real gateway (and its Ray engine) on loopback in a background thread for the e2e tests."""
+"""Runs a real gateway (and its Ray engine) on loopback in a background thread for the e2e tests.
+
+`channel`/`stub` are plaintext and carry no key; with TLS or API keys in the options, build channels with
+`open_channel(credentials)` and pass metadata per call."""
 
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ class RunningGateway:
         self.loop = asyncio.new_event_loop()
         self.gateway: Gateway | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
+        self._channels: list[grpc.Channel] = []
 
     def __enter__(self) -> RunningGateway:
         self.engine.start()
         self.thread.start()
         self.gateway = self._run(self._start())
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = self.open_channel()
         self.stub = pb_grpc.MixServeStub(self.channel)
         return self
 
@@ -50,11 +54,30 @@ class RunningGateway:
         return f"127.0.0.1:{self.gateway.port}"
 
     @property
+    def health_target(self) -> str:
+        """The plaintext health-only port (GatewayOptions.health_port)."""
+        assert self.gateway.health_server is not None, "GatewayOptions.health_port is not set"
+        return f"127.0.0.1:{self.gateway.health_port}"
+
+    def open_channel(self, credentials: grpc.ChannelCredentials | None = None, *, target: str | None = None,
+                     server_name: str | None = None) -> grpc.Channel:
+        """A channel to the gateway (plaintext without credentials), closed when the gateway stops."""
+        target = target or self.target
+        if credentials is None:
+            channel = grpc.insecure_channel(target)
+        else:
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._channels.append(channel)
+        return channel
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway.metrics_port}/metrics"
 
     def __exit__(self, *exc) -> None:
-        self.channel.close()
+        for channel in self._channels:
+            channel.close()
         try:
             self._run(self.gateway.stop())
         finally:

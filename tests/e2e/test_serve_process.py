@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _start(model: Path, port: int, metrics_port: int, *extra: str) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"}
     return subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--port", str(port),
          "--metrics-port", str(metrics_port), "--threads", "1", *extra],
