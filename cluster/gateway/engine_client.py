@@ -51,25 +51,28 @@ class EngineClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def submit(self, request: GenerationRequest) -> RequestStream:
-        if request.request_id in self.streams:
-            raise InvalidRequest("request_id", f"{request.request_id!r} is already in flight")
-        stream = RequestStream(request.request_id)
-        self.streams[request.request_id] = stream
-        try:
-            await _call(self.engine.submit_ref(request))
-        except BaseException:
-            self.streams.pop(request.request_id, None)
-            raise
+    def open(self, request_id: str) -> RequestStream:
+        """Registers the stream that will receive a request's updates; ids must be unique while in flight."""
+        if request_id in self.streams:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
+        stream = RequestStream(request_id)
+        self.streams[request_id] = stream
         return stream
 
-    async def abort(self, request_id: str) -> None:
-        self.streams.pop(request_id, None)
-        with contextlib.suppress(MixServeError):
-            await _call(self.engine.abort_ref(request_id))
+    async def send(self, request: GenerationRequest) -> None:
+        """Submits to the coordinator; raises its typed error (InvalidRequest, Overloaded, WorkerUnavailable)."""
+        await _call(self.engine.submit_ref(request))
 
-    def release(self, request_id: str) -> None:
-        self.streams.pop(request_id, None)
+    def release(self, stream: RequestStream) -> None:
+        """Forgets a stream whose request the engine has finished (or never took)."""
+        if self.streams.get(stream.request_id) is stream:
+            del self.streams[stream.request_id]
+
+    async def abort(self, stream: RequestStream) -> None:
+        """Forgets a stream and aborts its request in the engine, freeing its cache."""
+        self.release(stream)
+        with contextlib.suppress(MixServeError):
+            await _call(self.engine.abort_ref(stream.request_id))
 
     async def _poll(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from cluster.gateway.engine_client import EngineClient
+from cluster.gateway.handlers import add_mixserve_servicer
 from cluster.gateway.metrics import GatewayMetrics
 from cluster.gateway.reflection import enable_reflection
 from cluster.gateway.security import ApiKeyInterceptor, SecurityMaterial, SecurityOptions, load_security
@@ -28,7 +29,6 @@ from cluster.gateway.validation import RequestLimits
 from cluster.ray_engine import RayExpertParallelEngine
 from cluster.tokenizer import TextTokenizer
 from protos import mixserve_pb2 as pb
-from protos import mixserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MixServe"].full_name
@@ -117,7 +117,7 @@ class Gateway:
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", limit)])
         servicer = MixServeServicer(client=self.client, cfg=self.engine.cfg, tokenizer=self.tokenizer,
                                     limits=self.options.limits, model_info=self.model_info())
-        pb_grpc.add_MixServeServicer_to_server(servicer, server)
+        add_mixserve_servicer(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
         address = f"{self.options.host}:{self.options.port}"

@@ -12,6 +12,7 @@ import grpc
 
 from cluster.errors import InvalidRequest, Overloaded, WorkerUnavailable
 from cluster.gateway.engine_client import EngineClient
+from cluster.gateway.handlers import Undecodable
 from cluster.gateway.metrics import GatewayMetrics
 from cluster.gateway.text_stream import TextStream
 from cluster.gateway.validation import RequestLimits, ValidatedRequest, validate_request
@@ -78,6 +79,7 @@ class MixServeServicer(pb_grpc.MixServeServicer):
         self.metrics = client.metrics
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        await _reject_undecodable(request, context)
         return self.model_info
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -115,8 +117,10 @@ class MixServeServicer(pb_grpc.MixServeServicer):
         text = TextStream(self.tokenizer, list(validated.engine_request.prompt_token_ids), validated.stop)
         finished = engine_done = False
         code, reason = "CANCELLED", "abort"
+        stream = None
         try:
-            stream = await self.client.submit(validated.engine_request)
+            stream = self.client.open(request_id)  # a duplicate id fails here and touches nobody else's stream
+            await self.client.send(validated.engine_request)
             while not finished:
                 update = await stream.updates.get()
                 if update.error:
@@ -137,17 +141,20 @@ class MixServeServicer(pb_grpc.MixServeServicer):
                 code = "DEADLINE_EXCEEDED"
             raise
         finally:
-            if engine_done:
-                self.client.release(request_id)
-            else:  # cancelled, deadline, or a stop string: free the engine's cache now
-                await asyncio.shield(self.client.abort(request_id))
+            if stream is not None and engine_done:
+                self.client.release(stream)
+            elif stream is not None:  # cancelled, deadline, or a stop string: free the engine's cache now
+                await asyncio.shield(self.client.abort(stream))
             self._record_end(trace, reason, code)
 
     async def _admit(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: RequestTrace
     ) -> ValidatedRequest:
-        try:
-            validated = validate_request(request, self.cfg, self.tokenizer, self.limits)
+        if isinstance(request, Undecodable):
+            self.metrics.requests.labels(finish_reason="error", code="INVALID_ARGUMENT").inc()
+        await _reject_undecodable(request, context)
+        try:  # tokenizing a long prompt takes a while: keep it off the event loop that streams everyone's tokens
+            validated = await asyncio.to_thread(validate_request, request, self.cfg, self.tokenizer, self.limits)
         except InvalidRequest as exc:
             self.metrics.requests.labels(finish_reason="error", code="INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -178,6 +185,12 @@ class MixServeServicer(pb_grpc.MixServeServicer):
                                       completion_tokens=len(trace.token_ids))
         if code == "OK":
             self.metrics.e2e.observe(time.monotonic() - trace.arrival)
+
+
+async def _reject_undecodable(request, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: {request.size} bytes that are not a valid {request.message_type}")
 
 
 def _status(exc: Exception) -> grpc.StatusCode:

@@ -173,7 +173,8 @@ def _assert_no_mixserve_actors(ray, timeout_s: float = 20.0) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+        address = ray.get_runtime_context().gcs_address  # this session's cluster, even if others run
+        alive = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
                  if a.class_name in ("Coordinator", "ExpertWorker")]
         if not alive or time.monotonic() > deadline:
             break

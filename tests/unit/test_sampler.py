@@ -59,3 +59,17 @@ def test_samples_stay_inside_top_k():
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-6, 1e-5, 1e-3])
+def test_tiny_temperatures_never_produce_nan(temperature):
+    logits = torch.tensor([[50.0, 49.0, -30.0, 10.0]])
+    p = SamplingParams(temperature=temperature, seed=1)
+    ids, logprobs = sample_next(logits, [p], [p.make_generator()])
+    assert int(ids[0]) == 0 and torch.isfinite(logprobs).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_temperature_is_rejected(value):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=value)

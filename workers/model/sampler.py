@@ -6,9 +6,13 @@ Shapes: B sequences, V vocab.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,16 +23,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW sample the argmax (dividing by them would overflow)."""
+        return self.temperature < GREEDY_BELOW
 
     def make_generator(self) -> torch.Generator | None:
         if self.greedy:
@@ -61,7 +66,8 @@ def sample_next(
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        filtered_V = filter_logits(logits_BV[row] / p.temperature, p.top_k, p.top_p)
+        shifted_V = logits_BV[row] - logits_BV[row].max()  # <= 0, so dividing cannot overflow to +inf
+        filtered_V = filter_logits(shifted_V / p.temperature, p.top_k, p.top_p)
         probs_V = torch.softmax(filtered_V, dim=-1)
         chosen_B[row] = torch.multinomial(probs_V, 1, generator=gen)[0]
     return chosen_B, logprobs_BV.gather(1, chosen_B[:, None])[:, 0]
