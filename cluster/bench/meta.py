@@ -1,0 +1,94 @@
+"""Where and when a benchmark ran: date, machine, library versions, load, and the code's git commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunMeta:
+    date_utc: str
+    cpu: str
+    logical_cpus: int
+    memory_gib: float
+    gpu: str | None
+    platform: str
+    python: str
+    versions: dict[str, str]
+    git_commit: str | None
+    load_average_start: tuple[float, float, float]
+    load_average_end: tuple[float, float, float]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("mixserve", "torch", "transformers", "ray", "grpcio"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}{'+dirty' if dirty else ''}"
+
+
+def load_average() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+def load_warning(meta: RunMeta) -> str:
+    """A line for the report when the machine was busy before the benchmark started ('' otherwise); later
+    samples include the benchmark's own processes."""
+    before = meta.load_average_start[0]
+    if before <= 0.5 * meta.logical_cpus:
+        return ""
+    return (f"\nWARNING: the 1-minute load average was {before:.1f} on {meta.logical_cpus} logical CPUs when the run "
+            f"started: other processes may have shared the machine, so timings may be pessimistic and noisy")
+
+
+def run_meta(load_start: tuple[float, float, float]) -> RunMeta:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return RunMeta(
+        date_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), cpu=_cpu_model(),
+        logical_cpus=os.cpu_count() or 1, memory_gib=_memory_gib(), gpu=gpu, platform=platform.platform(),
+        python=platform.python_version(), versions=_versions(), git_commit=_git_commit(),
+        load_average_start=load_start, load_average_end=load_average(),
+    )

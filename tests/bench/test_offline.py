@@ -1,0 +1,97 @@
+"""`mixserve bench offline` end to end on a tiny checkpoint: transformers, in-process and Ray with 0 and 1
+expert workers. Checks the JSON's fields, that every ratio comes from the measured numbers, the floor
+formula, and the PNG. Performance is reported, never asserted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cluster.bench.floor import ComputeFloor, MatmulRate, ParamsPerToken
+from cluster.bench.meta import RunMeta
+from cluster.bench.results import EngineRun, Ratios
+from cluster.bench.workload import Workload
+from cluster.cli import main
+from workers.config import ModelConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LABELS = ["transformers (batched generate)", "mixserve in-process (no Ray)",
+          "mixserve Ray, 0 workers (experts in coordinator)", "mixserve Ray, 1 expert worker"]
+
+
+def names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.fixture(scope="module")
+def offline(ray_cluster, tiny8, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "offline", "--model", str(tiny8), "--num-prompts", "3", "--input-len", "6", "--output-len", "5",
+            "--workers", "0,1", "--threads", "1", "--warmup-tokens", "2", "--no-progress",
+            "--out", str(out / "r.json"), "--plot", str(out / "r.png")]
+    assert main(argv) == 0
+    return json.loads((out / "r.json").read_text()), out
+
+
+@pytest.mark.timeout(240)
+def test_json_has_every_field(offline):
+    report, _ = offline
+    assert report["mode"] == "offline"
+    top = {"meta", "model", "workload", "settings", "compute_floor", "reference_label", "runs", "ratios"}
+    assert top <= set(report)
+    assert names(RunMeta) <= set(report["meta"])
+    assert names(Workload) | {"output_tokens", "forwarded_tokens"} <= set(report["workload"])
+    assert names(ComputeFloor) <= set(report["compute_floor"])
+    assert names(ParamsPerToken) <= set(report["compute_floor"]["params"])
+    assert names(MatmulRate) | {"best"} <= set(report["compute_floor"]["matmul"])
+    assert [r["label"] for r in report["runs"]] == LABELS
+    for run in report["runs"]:
+        assert names(EngineRun) <= set(run)
+        assert run["exact_output_len"] is True
+        assert run["output_tokens"] == 3 * 5 and run["requests"] == 3
+        assert 0.0 <= run["agreement_with_transformers"] <= 1.0
+    for run in report["runs"][1:]:
+        assert set(run["phase_seconds"]) >= {"attention", "routing", "experts", "sampling"}
+        assert run["steps"] >= 5
+    ray1 = report["runs"][3]
+    assert len(ray1["worker_phase_seconds"]) == 1 and ray1["worker_phase_seconds"][0]["experts"] > 0
+    assert [r["label"] for r in report["ratios"]] == LABELS and names(Ratios) <= set(report["ratios"][0])
+
+
+@pytest.mark.timeout(240)
+def test_ratios_come_from_the_measured_numbers(offline):
+    report, _ = offline
+    runs = {r["label"]: r for r in report["runs"]}
+    hf, local = runs[LABELS[0]], runs[LABELS[1]]
+    floor = report["compute_floor"]["floor_seconds"]
+    assert report["reference_label"] == LABELS[1]
+    for ratio in report["ratios"]:
+        run = runs[ratio["label"]]
+        assert run["output_tokens_per_s"] == pytest.approx(run["output_tokens"] / run["seconds"])
+        assert run["requests_per_s"] == pytest.approx(run["requests"] / run["seconds"])
+        assert ratio["tok_s_vs_transformers"] == pytest.approx(run["output_tokens_per_s"] / hf["output_tokens_per_s"])
+        assert ratio["time_vs_reference"] == pytest.approx(run["seconds"] / local["seconds"])
+        assert ratio["floor_fraction"] == pytest.approx(floor / run["seconds"])
+
+
+@pytest.mark.timeout(240)
+def test_compute_floor_follows_the_stated_formula(offline, tiny8):
+    report, _ = offline
+    cfg = ModelConfig.from_model_dir(tiny8)
+    d, dh, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    h, hkv, e, k, v, layers = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts,
+                               cfg.num_experts_per_tok, cfg.vocab_size, cfg.num_hidden_layers)
+    t_fwd, t_sampled = 3 * (6 + 5 - 1), 3 * 5
+    expected = 2 * (t_fwd * layers * (d * (h + 2 * hkv) * dh + h * dh * d + d * e + k * 3 * d * f) + t_sampled * v * d)
+    floor = report["compute_floor"]
+    assert floor["flops"] == expected
+    assert floor["floor_seconds"] == pytest.approx(expected / max(floor["matmul"]["flops_per_s"]))
+    assert "T_fwd" in floor["formula"]
+
+
+@pytest.mark.timeout(240)
+def test_plot_is_a_png(offline):
+    _, out = offline
+    assert (out / "r.png").read_bytes()[:8] == PNG_MAGIC

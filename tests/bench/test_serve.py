@@ -1,0 +1,41 @@
+"""`mixserve bench serve` end to end: a gateway on loopback over the Ray engine (0 workers) and the
+transformers baseline, a two-point concurrency sweep; every point's fields and ratios, and the PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(240)
+def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster, tiny8, tmp_path):
+    argv = ["bench", "serve", "--model", str(tiny8), "--concurrency", "1,2", "--num-prompts", "2", "--input-len", "5",
+            "--output-len", "4", "--workers", "0", "--threads", "1", "--warmup-tokens", "2", "--no-progress",
+            "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["mode"] == "serve"
+    points = {(p["point"], p["engine"]): p for p in report["points"]}
+    assert set(points) == {(c, e) for c in ("c=1", "c=2") for e in ("transformers", "ray")}
+    for p in report["points"]:
+        assert p["exact_output_len"] and p["errors"] == 0 and p["output_tokens"] == 8
+        assert p["output_tokens_per_s"] == pytest.approx(p["output_tokens"] / p["seconds"])
+        for stat in ("ttft", "itl", "tpot", "e2e"):
+            assert set(p["latency"][stat]) == {"count", "mean", "p50", "p90", "p99"}
+            assert p["latency"][stat]["count"] > 0
+        assert p["latency"]["ttft"]["p50"] <= p["latency"]["e2e"]["p50"]
+    ray_points = [p for p in report["points"] if p["engine"] == "ray"]
+    assert all(p["server_phase_seconds"]["attention"] > 0 for p in ray_points)
+    for r in report["ratios"]:
+        p = next(q for q in report["points"] if q["point"] == r["point"] and q["label"] == r["ratios"]["label"])
+        hf = points[(r["point"], "transformers")]
+        ref = points[(r["point"], "ray")]
+        vs_hf = p["output_tokens_per_s"] / hf["output_tokens_per_s"]
+        assert r["ratios"]["tok_s_vs_transformers"] == pytest.approx(vs_hf)
+        assert r["ratios"]["time_vs_reference"] == pytest.approx(p["seconds"] / ref["seconds"])
+    assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
