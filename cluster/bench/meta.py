@@ -23,7 +23,8 @@ class RunMeta:
     platform: str
     python: str
     versions: dict[str, str]
-    git_commit: str | None
+    git_commit: str | None  # when the run started (Ray actors import the code from disk when they start)
+    git_commit_end: str | None  # differs when the code changed during the run
     load_average_start: tuple[float, float, float]
     load_average_end: tuple[float, float, float]
 
@@ -55,7 +56,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -78,17 +79,30 @@ def load_warning(meta: RunMeta) -> str:
     """A line for the report when the machine was busy before the benchmark started ('' otherwise); later
     samples include the benchmark's own processes."""
     before = meta.load_average_start[0]
+    changed = "" if meta.git_commit == meta.git_commit_end else (
+        f"\nWARNING: the code changed during the run ({meta.git_commit} → {meta.git_commit_end})")
     if before <= 0.5 * meta.logical_cpus:
-        return ""
-    return (f"\nWARNING: the 1-minute load average was {before:.1f} on {meta.logical_cpus} logical CPUs when the run "
-            f"started: other processes may have shared the machine, so timings may be pessimistic and noisy")
+        return changed
+    return changed + (f"\nWARNING: the 1-minute load average was {before:.1f} on {meta.logical_cpus} logical CPUs when "
+                      f"the run started: other processes may have shared the machine, so timings may be pessimistic "
+                      f"and noisy")
 
 
-def run_meta(load_start: tuple[float, float, float]) -> RunMeta:
+@dataclass(frozen=True)
+class RunStart:
+    load_average: tuple[float, float, float]
+    git_commit: str | None
+
+
+def run_start() -> RunStart:
+    return RunStart(load_average(), git_commit())
+
+
+def run_meta(start: RunStart) -> RunMeta:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return RunMeta(
         date_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), cpu=_cpu_model(),
         logical_cpus=os.cpu_count() or 1, memory_gib=_memory_gib(), gpu=gpu, platform=platform.platform(),
-        python=platform.python_version(), versions=_versions(), git_commit=_git_commit(),
-        load_average_start=load_start, load_average_end=load_average(),
+        python=platform.python_version(), versions=_versions(), git_commit=start.git_commit,
+        git_commit_end=git_commit(), load_average_start=start.load_average, load_average_end=load_average(),
     )

@@ -18,7 +18,7 @@ import torch
 from cluster.bench.engines import IN_PROCESS_LABEL, EngineSetup, TimedRuns, engine_run, run_in_process
 from cluster.bench.floor import ComputeFloor, MatmulRate, compute_floor, measure_matmul_flops
 from cluster.bench.hf_baseline import run_transformers
-from cluster.bench.meta import RunMeta, load_average, run_meta
+from cluster.bench.meta import RunMeta, run_meta, run_start
 from cluster.bench.ray_runs import ray_label, run_ray
 from cluster.bench.results import IN_PROCESS, RAY, TRANSFORMERS, EngineRun, ModelSummary, Ratios, compute_ratios
 from cluster.bench.workload import Workload, make_prompts
@@ -98,7 +98,7 @@ def _engines(opts: OfflineOptions, cfg: ModelConfig, prompts: list[tuple[int, ..
 
 def run_offline(opts: OfflineOptions) -> OfflineReport:
     """Every engine once per round, the engines interleaved, so load from other processes hits them alike."""
-    load_start = load_average()
+    start = run_start()
     setup, workload = opts.setup, opts.workload
     cfg = ModelConfig.from_model_dir(setup.model_dir)
     engines = _engines(opts, cfg, make_prompts(workload, cfg.vocab_size))
@@ -116,7 +116,7 @@ def run_offline(opts: OfflineOptions) -> OfflineReport:
     runs = [engine_run(e.label, e.kind, e.workers, timed[e.label], workload, setup, reference) for e in engines]
     label = _reference_label(opts)
     return OfflineReport(
-        mode="offline", meta=run_meta(load_start), model=ModelSummary.of(setup.model_dir, cfg), workload=workload,
+        mode="offline", meta=run_meta(start), model=ModelSummary.of(setup.model_dir, cfg), workload=workload,
         settings=settings_summary(setup), compute_floor=floor, reference_label=label, runs=tuple(runs),
         ratios=tuple(compute_ratios(runs, reference_label=label, floor_seconds=floor.floor_seconds)),
     )

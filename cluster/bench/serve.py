@@ -11,7 +11,7 @@ import torch
 
 from cluster.bench.engines import EngineSetup
 from cluster.bench.gateway_runner import BackgroundGateway
-from cluster.bench.meta import load_average, run_meta
+from cluster.bench.meta import run_meta, run_start
 from cluster.bench.offline import settings_summary
 from cluster.bench.ray_runs import ray_label, start_ray_engine
 from cluster.bench.results import RAY, ModelSummary, compute_ratios
@@ -59,7 +59,7 @@ def _one_round(opts: ServeOptions, cfg: ModelConfig, collected: Collected) -> No
 
 def run_serve(opts: ServeOptions) -> ServeReport:
     """Every engine through the whole sweep once per round, the engines interleaved."""
-    load_start = load_average()
+    start = run_start()
     cfg = ModelConfig.from_model_dir(opts.setup.model_dir)
     torch.set_num_threads(opts.setup.threads_per_rank)
     collected = Collected()
@@ -70,7 +70,7 @@ def run_serve(opts: ServeOptions) -> ServeReport:
     points = collected.points(opts.output_len)
     reference = EXTERNAL_LABEL if opts.target else (ray_label(0) if 0 in opts.workers else None)
     return ServeReport(
-        mode="serve", meta=run_meta(load_start), model=ModelSummary.of(opts.setup.model_dir, cfg),
+        mode="serve", meta=run_meta(start), model=ModelSummary.of(opts.setup.model_dir, cfg),
         input_len=opts.input_len, output_len=opts.output_len, settings=settings_summary(opts.setup),
         reference_label=reference, points=tuple(points), ratios=tuple(_ratios(points, reference)),
     )
