@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
-import re
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,6 +19,8 @@ from cluster.scheduler import SchedulerConfig
 from cluster.tokenizer import TextTokenizer
 from protos import mixserve_pb2 as pb
 from tests.e2e.harness import RunningGateway
+from tests.metrics_page import metric as _metric
+from tests.metrics_page import metrics_text as _metrics
 from workers.config import ModelConfig
 from workers.model.sampler import SamplingParams
 from workers.runtime.local_build import build_attention_rank
@@ -107,20 +107,6 @@ def test_stop_string_ends_generation_and_is_excluded(server, served_model):
     assert response.text == full_text[: full_text.index(stop)]
     assert list(response.token_ids) == full[: len(response.token_ids)]
     _wait_idle(server)
-
-
-def _metrics(server) -> str:
-    return urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-
-
-def _metric(text: str, name: str, labels: str = "") -> float:
-    """Sum of the samples of `name` whose labels include every label in `labels` ('{a="x",b="y"}')."""
-    wanted = set(re.findall(r'(\w+)="([^"]*)"', labels))
-    total = 0.0
-    for match in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
-        if wanted <= set(re.findall(r'(\w+)="([^"]*)"', match.group(1) or "")):
-            total += float(match.group(2))
-    return total
 
 
 def _wait_idle(server, timeout_s: float = 20) -> str:

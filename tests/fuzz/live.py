@@ -8,27 +8,13 @@ from __future__ import annotations
 import os
 import re
 import time
-import urllib.request
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import mixserve_pb2 as pb
+from tests.metrics_page import metric, metrics_text
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-
-
-def metrics_text(server) -> str:
-    return urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """Sum of the samples of `name` whose labels include every label in `labels` ('{a="x",b="y"}')."""
-    wanted = set(re.findall(r'(\w+)="([^"]*)"', labels))
-    total = 0.0
-    for match in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
-        if wanted <= set(re.findall(r'(\w+)="([^"]*)"', match.group(1) or "")):
-            total += float(match.group(2))
-    return total
 
 
 def status_codes(text: str) -> set[str]:
