@@ -85,9 +85,6 @@ class ExpertWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def threads_in_use(self) -> int:
-        return torch.get_num_threads()
-
     def load(self) -> list[str]:
         try:
             self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)

@@ -97,8 +97,3 @@ class KVCachePool:
             positions = positions % (len(seq.blocks) * size)
         blocks = torch.tensor(seq.blocks, dtype=torch.int64)
         return blocks[positions // size] * size + positions % size
-
-    def context_start(self, start: int) -> int:
-        """First position a query at `start` can see (the window's left edge)."""
-        window = self.spec.sliding_window
-        return max(0, start - window + 1) if window else 0

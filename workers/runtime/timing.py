@@ -21,10 +21,3 @@ class StepTimings:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] += seconds
-
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
