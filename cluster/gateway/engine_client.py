@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestStream:
-    request_id: str
+    request_id: str  # the engine's id for the call
+    client_id: str  # the id the client chose (unique among calls in flight)
     updates: asyncio.Queue[SequenceUpdate] = field(default_factory=asyncio.Queue)
 
 
@@ -33,7 +34,8 @@ class EngineClient:
         self.engine = engine
         self.metrics = metrics
         self.poll_timeout_s = poll_timeout_s
-        self.streams: dict[str, RequestStream] = {}
+        self.streams: dict[str, RequestStream] = {}  # by engine request id
+        self.client_ids: set[str] = set()
         self.healthy = False
         self._tasks: list[asyncio.Task] = []
         self.on_health_change = None
@@ -51,12 +53,13 @@ class EngineClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def open(self, request_id: str) -> RequestStream:
-        """Registers the stream that will receive a request's updates; ids must be unique while in flight."""
-        if request_id in self.streams:
-            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
-        stream = RequestStream(request_id)
+    def open(self, client_id: str, request_id: str) -> RequestStream:
+        """Registers the stream that will receive a request's updates; client ids must be unique in flight."""
+        if client_id in self.client_ids:
+            raise InvalidRequest("request_id", f"{client_id!r} is already in flight")
+        stream = RequestStream(request_id, client_id)
         self.streams[request_id] = stream
+        self.client_ids.add(client_id)
         return stream
 
     async def send(self, request: GenerationRequest) -> None:
@@ -67,6 +70,7 @@ class EngineClient:
         """Forgets a stream whose request the engine has finished (or never took)."""
         if self.streams.get(stream.request_id) is stream:
             del self.streams[stream.request_id]
+            self.client_ids.discard(stream.client_id)
 
     async def abort(self, stream: RequestStream) -> None:
         """Forgets a stream and aborts its request in the engine, freeing its cache."""

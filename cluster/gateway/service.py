@@ -92,7 +92,7 @@ class MixServeServicer(pb_grpc.MixServeServicer):
             logprobs.extend(chunk.logprobs)
             reason = chunk.finish_reason or reason
         return pb.GenerateResponse(
-            request_id=validated.engine_request.request_id, text="".join(text), token_ids=ids,
+            request_id=validated.request_id, text="".join(text), token_ids=ids,
             finish_reason=reason, usage=trace.usage(), logprobs=logprobs, timings=trace.timings(),
         )
 
@@ -101,7 +101,7 @@ class MixServeServicer(pb_grpc.MixServeServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         trace = RequestTrace()
         validated = await self._admit(request, context, trace)
-        request_id = validated.engine_request.request_id
+        request_id = validated.request_id
         async for chunk in self._run(validated, context, trace):
             last = bool(chunk.finish_reason)
             yield pb.GenerateStreamResponse(
@@ -113,13 +113,14 @@ class MixServeServicer(pb_grpc.MixServeServicer):
     async def _run(
         self, validated: ValidatedRequest, context: grpc.aio.ServicerContext, trace: RequestTrace
     ) -> AsyncIterator[Chunk]:
-        request_id = validated.engine_request.request_id
         text = TextStream(self.tokenizer, list(validated.engine_request.prompt_token_ids), validated.stop)
         finished = engine_done = False
         code, reason = "CANCELLED", "abort"
         stream = None
         try:
-            stream = self.client.open(request_id)  # a duplicate id fails here and touches nobody else's stream
+            # a duplicate client id fails here and touches nobody else's stream; the engine sees a fresh id per
+            # call, so a late abort of an earlier call can never hit a later call that reuses the client's id
+            stream = self.client.open(validated.request_id, validated.engine_request.request_id)
             await self.client.send(validated.engine_request)
             while not finished:
                 update = await stream.updates.get()

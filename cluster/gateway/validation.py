@@ -32,7 +32,8 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class ValidatedRequest:
-    engine_request: GenerationRequest
+    request_id: str  # the client's id (or one made up for it), echoed in responses
+    engine_request: GenerationRequest  # carries a fresh id of its own, unique per call
     stop: tuple[str, ...]
     want_logprobs: bool
 
@@ -67,10 +68,10 @@ def validate_request(
         temperature=temperature, top_k=s.top_k, top_p=top_p, seed=s.seed if s.HasField("seed") else None
     )
     engine_request = GenerationRequest(
-        request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, max_new_tokens=max_new,
+        request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, sampling=sampling, max_new_tokens=max_new,
         stop_token_ids=stop_ids, ignore_eos=s.ignore_eos,
     )
-    return ValidatedRequest(engine_request, stop, s.logprobs)
+    return ValidatedRequest(request_id, engine_request, stop, s.logprobs)
 
 
 def _prompt_ids(
