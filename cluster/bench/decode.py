@@ -18,6 +18,7 @@ import torch
 from cluster.bench.rank_driver import sync
 from workers.config import ModelConfig
 from workers.model.experts import LayerExperts
+from workers.model.linear import prepare_linear
 from workers.model.weights import DenseWeights, ExpertShard, LayerWeights
 from workers.runtime.attention_rank import AttentionRank, LocalExperts
 from workers.runtime.local_build import assemble_attention_rank
@@ -100,14 +101,15 @@ def mixserve_weights(hf_model, num_layers: int, num_experts: int) -> tuple[Dense
     for i in range(num_layers):
         p = f"layers.{i}."
         wqkv_QD = torch.cat([t[f"{p}self_attn.{n}_proj.weight"] for n in "qkv"]).contiguous()
-        layers.append(LayerWeights(input_norm_D=t[f"{p}input_layernorm.weight"], wqkv_QD=wqkv_QD,
-                                   wo_DHd=t[f"{p}self_attn.o_proj.weight"],
+        layers.append(LayerWeights(input_norm_D=t[f"{p}input_layernorm.weight"], qkv_proj=prepare_linear(wqkv_QD),
+                                   o_proj=prepare_linear(t[f"{p}self_attn.o_proj.weight"]),
                                    post_norm_D=t[f"{p}post_attention_layernorm.weight"],
                                    gate_ED=_one(t, p, ".gate.weight")))
         experts.append(LayerExperts(w13_e2FD=_one(t, p, "experts.gate_up_proj"),
                                     w2_eDF=_one(t, p, "experts.down_proj")))
     embed_VD = t["embed_tokens.weight"]
-    dense = DenseWeights(embed_VD=embed_VD, layers=tuple(layers), final_norm_D=t["norm.weight"], lm_head_VD=embed_VD,
+    dense = DenseWeights(embed_VD=embed_VD, layers=tuple(layers), final_norm_D=t["norm.weight"],
+                         lm_head=prepare_linear(embed_VD),
                          tensor_names=())
     return dense, ExpertShard(expert_ids=tuple(range(num_experts)), layers=tuple(experts), tensor_names=())
 

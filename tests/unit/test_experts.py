@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.model.experts import LayerExperts, local_moe
+from workers.model.experts import LayerExperts, PackedLayerExperts, local_moe, prepare_layer_experts
 from workers.model.reference_moe import reference_moe
 from workers.model.router import route
 
@@ -69,3 +69,29 @@ def test_both_grouped_paths_equal_reference(monkeypatch, pad_limit):
     torch.testing.assert_close(
         local_moe(x_TD, weights_TK, ids_TK, layer), reference_moe(x_TD, weights_TK, ids_TK, layer), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("num_tokens", [1, 9, 300])
+def test_packed_experts_equal_reference(num_tokens):
+    """The oneDNN-packed per-expert path (CPU) matches the reference loop over the unpacked weights."""
+    gen = torch.Generator().manual_seed(num_tokens)
+    layer = _experts(8, 32, 40, gen)
+    packed = prepare_layer_experts(layer, force=True)
+    assert isinstance(packed, PackedLayerExperts), "CPU float32 experts are packed"
+    torch.testing.assert_close(packed.unpacked().w13_e2FD, layer.w13_e2FD, rtol=0, atol=0)
+    x_TD = torch.randn(num_tokens, 32, generator=gen)
+    ids_TK = torch.randint(0, 6, (num_tokens, 2), generator=gen)  # experts 6 and 7 get nothing
+    ids_TK[:, 1] = (ids_TK[:, 0] + 1) % 6
+    weights_TK = torch.softmax(torch.randn(num_tokens, 2, generator=gen), dim=-1)
+    torch.testing.assert_close(
+        local_moe(x_TD, weights_TK, ids_TK, packed), reference_moe(x_TD, weights_TK, ids_TK, layer), rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_unpackable_experts_stay_stacked():
+    layer = _experts(4, 16, 24, torch.Generator().manual_seed(0))
+    assert prepare_layer_experts(layer, pack=False, force=True) is layer
+    assert prepare_layer_experts(layer) is layer, "experts this small run faster as one padded bmm"
+    doubles = LayerExperts(layer.w13_e2FD.double(), layer.w2_eDF.double())
+    assert prepare_layer_experts(doubles, force=True) is doubles

@@ -10,6 +10,10 @@ from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
 from tests.reference import hf_greedy, load_hf, relative_error, teacher_forced_logits
 from tests.tiny_models import TINY_VARIANTS
+from workers.model import experts as experts_module
+from workers.model import linear as linear_module
+from workers.model.experts import PackedLayerExperts
+from workers.model.linear import PackedLinear
 from workers.runtime.local_build import build_attention_rank
 
 DECODE_STEPS = 32
@@ -26,14 +30,21 @@ def _rank(model_dir, block_size=4):
                                 num_blocks=128, block_size=block_size)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "onednn-packed"])
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
-def test_logits_and_greedy_tokens_match_transformers(tiny_checkpoints, variant):
+def test_logits_and_greedy_tokens_match_transformers(tiny_checkpoints, variant, packed, monkeypatch):
+    """packed: every matmul weight in oneDNN's layout (tiny weights are below the size that packs by default)."""
+    if packed:
+        monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(experts_module, "PACK_MIN_ELEMENTS", 0)
     model_dir = tiny_checkpoints[variant]
     hf = load_hf(model_dir)
     prompts = _prompts(hf.config.vocab_size, seed=len(variant))
     reference = [hf_greedy(hf, p, DECODE_STEPS) for p in prompts]
 
     rank = _rank(model_dir)
+    assert isinstance(rank.model.weights.lm_head, PackedLinear) == packed
+    assert isinstance(rank.experts.shard.layers[0], PackedLayerExperts) == packed
     full = [p + toks for p, (toks, _) in zip(prompts, reference, strict=True)]
     ours = teacher_forced_logits(rank, full, [len(p) for p in prompts])
     for (_, ref_logits), logits in zip(reference, ours, strict=True):

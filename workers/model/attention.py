@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.model.kv_cache import KVCachePool, SequenceBlocks
+from workers.model.linear import Linear
 from workers.model.rope import apply_rope
 
 
@@ -141,7 +142,7 @@ def paged_attention(
 
 def project_qkv(
     x_TD: torch.Tensor,
-    wqkv_QD: torch.Tensor,
+    qkv_proj: Linear,
     *,
     num_heads: int,
     num_kv_heads: int,
@@ -151,7 +152,7 @@ def project_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused matmul for q, k, v; RoPE on q and k."""
     num_tokens = x_TD.shape[0]
-    qkv = x_TD @ wqkv_QD.t()  # [T, (H + 2 Hkv) Dh]
+    qkv = qkv_proj(x_TD)  # [T, (H + 2 Hkv) Dh]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q_THDh = apply_rope(q.view(num_tokens, num_heads, head_dim), cos_TDh, sin_TDh)
     k_THkvDh = apply_rope(k.view(num_tokens, num_kv_heads, head_dim), cos_TDh, sin_TDh)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers.model.linear import PACK_MIN_ELEMENTS, Linear, can_pack, prepare_linear
+
 
 @dataclass(frozen=True)
 class LayerExperts:
@@ -23,6 +25,53 @@ class LayerExperts:
     def num_experts(self) -> int:
         return self.w13_e2FD.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w13_e2FD.dtype
+
+
+@dataclass(frozen=True)
+class PackedLayerExperts:
+    """The same weights, one prepared linear per expert (oneDNN's layout on CPU); no stacked copy is kept."""
+
+    w13_e: tuple[Linear, ...]  # each [2F, D]
+    w2_e: tuple[Linear, ...]  # each [D, F]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.w13_e)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w13_e[0].dtype
+
+    def unpacked(self) -> LayerExperts:
+        return LayerExperts(
+            w13_e2FD=torch.stack([w.dense_weight() for w in self.w13_e]),
+            w2_eDF=torch.stack([w.dense_weight() for w in self.w2_e]),
+        )
+
+
+ExpertWeights = LayerExperts | PackedLayerExperts
+
+
+def prepare_layer_experts(layer: LayerExperts, *, pack: bool = True, force: bool = False) -> ExpertWeights:
+    """Packed per-expert linears where the device supports it and the experts are big enough to gain (or
+    force is set); the stacked tensors (padded bmm) otherwise."""
+    if not (pack and packs_experts(layer.w13_e2FD.device, layer.dtype, layer.w2_eDF[0].numel(), force=force)):
+        return layer
+    return PackedLayerExperts(
+        w13_e=tuple(prepare_linear(w, force=True) for w in layer.w13_e2FD.unbind(0)),
+        w2_e=tuple(prepare_linear(w, force=True) for w in layer.w2_eDF.unbind(0)),
+    )
+
+
+def packs_experts(
+    device: torch.device | str, dtype: torch.dtype, expert_w2_elements: int, *, force: bool = False
+) -> bool:
+    """Packed experts run one matmul pair per expert: worth it once each expert's weights are large."""
+    return can_pack(device, dtype, PACK_MIN_ELEMENTS if force else expert_w2_elements)
+
 
 def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for the rows of one expert."""
@@ -33,17 +82,20 @@ def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor
 PAD_WASTE_LIMIT = 2.0  # pad to one batched matmul while padding at most doubles the rows
 
 
-def run_grouped_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts) -> torch.Tensor:
+def run_grouped_experts(x_ND: torch.Tensor, counts_e: list[int], experts: ExpertWeights) -> torch.Tensor:
     """Rows of x_ND are grouped by local expert: the first counts_e[0] rows go to expert 0, and so on.
 
-    Few rows per expert (decode): one batched matmul pair over all experts, rows padded to the largest
-    group. Many or very uneven rows: one matmul pair per expert over its rows.
+    Packed experts: one packed matmul pair per expert over its rows. Stacked experts with few rows per
+    expert (decode): one batched matmul pair over all experts, rows padded to the largest group; many or
+    very uneven rows: one matmul pair per expert over its rows.
     """
     assert len(counts_e) == experts.num_experts, (
         f"got row counts for {len(counts_e)} experts, the layer holds {experts.num_experts}"
     )
     num_rows = x_ND.shape[0]
     assert sum(counts_e) == num_rows, f"counts sum to {sum(counts_e)}, got {num_rows} rows"
+    if isinstance(experts, PackedLayerExperts):
+        return _packed_experts(x_ND, counts_e, experts)
     if num_rows and experts.num_experts * max(counts_e) <= PAD_WASTE_LIMIT * num_rows:
         return _padded_experts(x_ND, counts_e, experts)
     out_ND = torch.empty_like(x_ND)
@@ -54,6 +106,17 @@ def run_grouped_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerE
             out_ND[rows] = swiglu_expert(x_ND[rows], experts.w13_e2FD[local_expert], experts.w2_eDF[local_expert])
         start += count
     return out_ND
+
+
+def _packed_experts(x_ND: torch.Tensor, counts_e: list[int], experts: PackedLayerExperts) -> torch.Tensor:
+    outputs = []
+    start = 0
+    for local_expert, count in enumerate(counts_e):
+        if count:
+            gate_NF, up_NF = experts.w13_e[local_expert](x_ND[start : start + count]).chunk(2, dim=-1)
+            outputs.append(experts.w2_e[local_expert](F.silu(gate_NF) * up_NF))  # [count, D]
+        start += count
+    return torch.cat(outputs) if outputs else torch.empty_like(x_ND)
 
 
 def _padded_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts) -> torch.Tensor:
@@ -70,7 +133,7 @@ def _padded_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerExper
 
 
 def local_moe(
-    x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, experts: LayerExperts
+    x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
     """The EP=1 path: all experts are local. Sort the T*K rows by expert, run, unsort, weight, sum."""
     num_tokens, top_k = topk_ids_TK.shape

@@ -43,11 +43,11 @@ class DenseModel:
         cfg = self.cfg
         x_TD = rms_norm(h_TD, w.input_norm_D, cfg.rms_norm_eps)
         q, k, v = project_qkv(
-            x_TD, w.wqkv_QD, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            x_TD, w.qkv_proj, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, cos_TDh=rope[0], sin_TDh=rope[1],
         )
         attn_THd = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return h_TD + attn_THd @ w.wo_DHd.t()
+        return h_TD + w.o_proj(attn_THd)
 
     def route(self, layer: int, h_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The MoE input and its routing: (x_TD, topk_weights_TK fp32, topk_ids_TK)."""
@@ -58,4 +58,4 @@ class DenseModel:
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         x_TD = rms_norm(h_TD, self.weights.final_norm_D, self.cfg.rms_norm_eps)
-        return (x_TD @ self.weights.lm_head_VD.t()).float()  # [T, V]
+        return self.weights.lm_head(x_TD).float()  # [T, V]

@@ -13,14 +13,15 @@ import torch
 
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointReader, expert_tensor_name
-from workers.model.experts import LayerExperts
+from workers.model.experts import ExpertWeights, LayerExperts, PackedLayerExperts, packs_experts
+from workers.model.linear import Linear, prepare_linear
 
 
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm_D: torch.Tensor
-    wqkv_QD: torch.Tensor
-    wo_DHd: torch.Tensor
+    qkv_proj: Linear  # [Q, D]: q, k, v rows fused
+    o_proj: Linear  # [D, H·Dh]
     post_norm_D: torch.Tensor
     gate_ED: torch.Tensor
 
@@ -30,14 +31,14 @@ class DenseWeights:
     embed_VD: torch.Tensor
     layers: tuple[LayerWeights, ...]
     final_norm_D: torch.Tensor
-    lm_head_VD: torch.Tensor
+    lm_head: Linear  # [V, D]
     tensor_names: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class ExpertShard:
     expert_ids: tuple[int, ...]
-    layers: tuple[LayerExperts, ...]
+    layers: tuple[ExpertWeights, ...]
     tensor_names: tuple[str, ...]
 
 
@@ -73,8 +74,9 @@ def expert_tensor_shapes(cfg: ModelConfig, expert_ids: tuple[int, ...]) -> dict[
 
 
 def load_dense_weights(
-    reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str
+    reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str, pack: bool = True
 ) -> DenseWeights:
+    """pack: matmul weights in oneDNN's layout where the device supports it (see workers.model.linear)."""
     shapes = dense_tensor_shapes(cfg)
     t = reader.load(shapes, dtype=dtype, device=device)
     layers = []
@@ -84,8 +86,8 @@ def load_dense_weights(
         layers.append(
             LayerWeights(
                 input_norm_D=t[f"{p}.input_layernorm.weight"],
-                wqkv_QD=wqkv,
-                wo_DHd=t[f"{p}.self_attn.o_proj.weight"],
+                qkv_proj=prepare_linear(wqkv, pack=pack),
+                o_proj=prepare_linear(t[f"{p}.self_attn.o_proj.weight"], pack=pack),
                 post_norm_D=t[f"{p}.post_attention_layernorm.weight"],
                 gate_ED=t[f"{p}.block_sparse_moe.gate.weight"],
             )
@@ -95,7 +97,7 @@ def load_dense_weights(
         embed_VD=embed,
         layers=tuple(layers),
         final_norm_D=t["model.norm.weight"],
-        lm_head_VD=embed if cfg.tie_word_embeddings else t["lm_head.weight"],
+        lm_head=prepare_linear(embed if cfg.tie_word_embeddings else t["lm_head.weight"], pack=pack),
         tensor_names=tuple(shapes),
     )
 
@@ -107,18 +109,26 @@ def load_expert_shard(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
+    pack: bool = True,
 ) -> ExpertShard:
+    """pack: one oneDNN-packed linear per expert where the device supports it, else stacked tensors."""
     bad = [e for e in expert_ids if not 0 <= e < cfg.num_local_experts]
     if bad:
         raise ValueError(f"expert id {bad[0]} is outside [0, {cfg.num_local_experts})")
     shapes = expert_tensor_shapes(cfg, expert_ids)
     t = reader.load(shapes, dtype=dtype, device=device)
-    layers = []
+    packed = pack and packs_experts(device, dtype, cfg.hidden_size * cfg.intermediate_size)
+    layers: list[ExpertWeights] = []
     for layer in range(cfg.num_hidden_layers):
         w13 = [
-            torch.cat([t[expert_tensor_name(layer, e, "w1")], t[expert_tensor_name(layer, e, "w3")]], dim=0)
+            torch.cat([t.pop(expert_tensor_name(layer, e, "w1")), t.pop(expert_tensor_name(layer, e, "w3"))], dim=0)
             for e in expert_ids
         ]
-        w2 = [t[expert_tensor_name(layer, e, "w2")] for e in expert_ids]
-        layers.append(LayerExperts(w13_e2FD=torch.stack(w13).contiguous(), w2_eDF=torch.stack(w2).contiguous()))
+        w2 = [t.pop(expert_tensor_name(layer, e, "w2")) for e in expert_ids]
+        if packed:
+            packed_w13 = tuple(prepare_linear(w, force=True) for w in w13)
+            packed_w2 = tuple(prepare_linear(w, force=True) for w in w2)
+            layers.append(PackedLayerExperts(w13_e=packed_w13, w2_e=packed_w2))
+        else:
+            layers.append(LayerExperts(w13_e2FD=torch.stack(w13).contiguous(), w2_eDF=torch.stack(w2).contiguous()))
     return ExpertShard(expert_ids=tuple(expert_ids), layers=tuple(layers), tensor_names=tuple(shapes))

@@ -27,7 +27,7 @@ class ExpertRank:
         self.device = device
         self.max_local_experts = max_local_experts
         self.hidden_size = hidden_size
-        self.dtype = shard.layers[0].w13_e2FD.dtype
+        self.dtype = shard.layers[0].dtype
         self.timings = StepTimings()
         self.steps = 0
         self.rows_per_local_expert = torch.zeros(len(shard.layers), len(shard.expert_ids), dtype=torch.int64)
