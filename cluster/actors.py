@@ -2,7 +2,8 @@
 the dense weights and the engine (the attention rank, rank 0 of the expert-parallel group).
 
 Lifecycle: cheap __init__, load() reads weights, join_group() forms the process group with the peers
-(called on all ranks at once), then run() / start_engine(). Errors name the worker.
+(called on all ranks at once), then run() / start_engine(). Errors name the worker. Each actor does its
+torch work on one thread of its own (`TorchThread`), whichever Ray thread calls the method.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cluster.engine_stats import StatsSnapshot
 from cluster.errors import WorkerUnavailable
 from cluster.requests import GenerationRequest, SequenceUpdate
 from cluster.scheduler import SchedulerConfig
+from cluster.torch_thread import TorchThread
 from workers.comm import ProcessGroupHandle, create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
@@ -78,6 +80,7 @@ class ExpertWorker:
         self.group: ProcessGroupHandle | None = None
         self.rank: ExpertRank | None = None
         self.cfg: ModelConfig | None = None
+        self.torch_thread = TorchThread()
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -86,6 +89,9 @@ class ExpertWorker:
         return os.getpid()
 
     def load(self) -> list[str]:
+        return self.torch_thread.call(self._load)
+
+    def _load(self) -> list[str]:
         try:
             self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
             reader = CheckpointReader(self.settings.model_dir)
@@ -97,6 +103,9 @@ class ExpertWorker:
         return list(self.shard.tensor_names)
 
     def join_group(self, init_method: str, world_size: int, max_local_experts: int) -> None:
+        self.torch_thread.call(self._join_group, init_method, world_size, max_local_experts)
+
+    def _join_group(self, init_method: str, world_size: int, max_local_experts: int) -> None:
         assert self.shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
         try:
             self.group = create_group(
@@ -113,6 +122,10 @@ class ExpertWorker:
     def run(self) -> int:
         """Serves steps until STOP; returns the number of steps served. Raises if a collective fails."""
         assert self.rank is not None, f"{self.name}: join_group() before run()"
+        return self.torch_thread.call(self._run)
+
+    def _run(self) -> int:
+        assert self.rank is not None
         try:
             self.rank.run()
             return self.rank.steps
@@ -147,6 +160,7 @@ class Coordinator:
         self.cfg: ModelConfig | None = None
         self.dense: DenseWeights | None = None
         self.local_shard: ExpertShard | None = None
+        self.torch_thread = TorchThread()
 
     def pid(self) -> int:
         return os.getpid()
@@ -157,6 +171,9 @@ class Coordinator:
 
     def load(self) -> list[str]:
         """Reads the dense weights (and every expert when there are no expert workers)."""
+        return self.torch_thread.call(self._load)
+
+    def _load(self) -> list[str]:
         device = _device(self.settings)
         try:
             self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
@@ -173,6 +190,11 @@ class Coordinator:
 
     def start(self, init_method: str | None, kv_blocks: int, block_size: int) -> None:
         """Joins the expert-parallel group (all ranks at once) and starts the engine loop."""
+        self.torch_thread.call(self._build_engine, init_method, kv_blocks, block_size)
+        assert self.loop is not None
+        self.loop.start(self.torch_thread)
+
+    def _build_engine(self, init_method: str | None, kv_blocks: int, block_size: int) -> None:
         assert self.dense is not None and self.cfg is not None, "coordinator: load() before start()"
         keepalive = None
         if self.parallel is None:
@@ -193,7 +215,6 @@ class Coordinator:
         rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size)
         self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
-        self.loop.start()
 
     def inventory(self) -> list[str]:
         names = list(self.dense.tensor_names) if self.dense else []
@@ -221,6 +242,13 @@ class Coordinator:
         if self.loop is None:
             return
         self.loop.stop()
+        if self.loop.running:  # stuck in a collective with a dead peer: leave without waiting for it
+            self._leave_group()
+        else:
+            self.torch_thread.call(self._leave_group)
+
+    def _leave_group(self) -> None:
+        assert self.loop is not None
         try:
             if self.loop.failure is None and isinstance(self.experts, DistributedExperts):
                 self.experts.stop()

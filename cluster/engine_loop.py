@@ -12,11 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 
 from cluster.engine import LLMEngine
 from cluster.engine_stats import StatsSnapshot, merge_snapshots
 from cluster.errors import Overloaded, WorkerUnavailable
 from cluster.requests import GenerationRequest, SequenceUpdate
+from cluster.torch_thread import TorchThread
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,18 @@ class EngineLoop:
         self._outbox: list[SequenceUpdate] = []
         self._stopping = False
         self.failure: str | None = None
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._future: Future | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, torch_thread: TorchThread | None = None) -> None:
+        """Runs the loop on torch_thread (the thread that loaded the weights, see cluster.torch_thread),
+        or on a thread of its own."""
+        if torch_thread is not None:
+            self._future = torch_thread.start(self._run)
+            self._future.add_done_callback(_log_crash)
+        else:
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
 
     def submit(self, request: GenerationRequest) -> None:
         if self.failure:
@@ -66,12 +76,20 @@ class EngineLoop:
             stats, self._stats = self._stats, []
             return out, merge_snapshots(stats)
 
+    @property
+    def running(self) -> bool:
+        if self._future is not None:
+            return not self._future.done()
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout_s: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._future is not None:
+            wait([self._future], timeout=timeout_s)
 
     def _run(self) -> None:
         last_collective = time.monotonic()
@@ -129,3 +147,8 @@ class EngineLoop:
             self._outbox.extend(updates + lost)
             self._inbox.clear()
             self._cond.notify_all()
+
+
+def _log_crash(future: Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("the engine loop crashed", exc_info=future.exception())
