@@ -56,7 +56,9 @@ def build_attention_metadata(pool: KVCachePool, chunks: list[SequenceChunk]) -> 
     counts = torch.tensor([c.num_new for c in chunks])  # [B]
     capacity = torch.tensor([len(c.blocks.blocks) for c in chunks]) * size  # [B] tokens the blocks hold
     ctx = (starts - window + 1).clamp(min=0) if window else torch.zeros_like(starts)  # first visible position
-    write_first = not window or bool((counts <= capacity - window + 1).all())
+    # Writing first is safe unless a write lands on a ring slot whose key a query of this step still needs:
+    # never while the ring has not wrapped, nor when the step's tokens fit in the ring's spare slots.
+    write_first = not window or bool(((starts + counts <= capacity) | (counts <= capacity - window + 1)).all())
     num_keys = starts + counts - ctx  # [B]
     lq, lk = int(counts.max()), int(num_keys.max())
     table = _block_table(chunks)  # [B, max blocks]
