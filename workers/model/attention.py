@@ -123,14 +123,14 @@ def paged_attention(
     if meta.write_first:
         k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
         v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
-        keys_BLkHD, values_BLkHD = k_flat[meta.key_slots_BLk], v_flat[meta.key_slots_BLk]
+        keys_BLkHD, values_BLkHD = _rows(k_flat, meta.key_slots_BLk), _rows(v_flat, meta.key_slots_BLk)
     else:
         is_new = meta.is_new_BLk[:, :, None, None]
-        keys_BLkHD = torch.where(is_new, k_THkvDh[meta.new_index_BLk], k_flat[meta.key_slots_BLk])
-        values_BLkHD = torch.where(is_new, v_THkvDh[meta.new_index_BLk], v_flat[meta.key_slots_BLk])
+        keys_BLkHD = torch.where(is_new, _rows(k_THkvDh, meta.new_index_BLk), _rows(k_flat, meta.key_slots_BLk))
+        values_BLkHD = torch.where(is_new, _rows(v_THkvDh, meta.new_index_BLk), _rows(v_flat, meta.key_slots_BLk))
         k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
         v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
-    queries_BLqHD = q_THDh[meta.query_index_BLq]
+    queries_BLqHD = _rows(q_THDh, meta.query_index_BLq)
     out_BHLqD = F.scaled_dot_product_attention(
         queries_BLqHD.transpose(1, 2),
         keys_BLkHD.transpose(1, 2),
@@ -140,6 +140,12 @@ def paged_attention(
     )
     out_THD = out_BHLqD.transpose(1, 2)[meta.query_valid_BLq]  # row-major = token order
     return out_THD.reshape(num_tokens, num_heads * head_dim)
+
+
+def _rows(table_SHD: torch.Tensor, index_BL: torch.Tensor) -> torch.Tensor:
+    """table[index] for a 2-D index: index_select over the flattened index is ~5x faster on CPU than
+    advanced indexing (measured: 114 vs 581 us for 32 x 130 rows of [2, 48])."""
+    return table_SHD.index_select(0, index_BL.reshape(-1)).view(*index_BL.shape, *table_SHD.shape[1:])
 
 
 def project_qkv(
