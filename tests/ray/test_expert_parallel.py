@@ -8,6 +8,7 @@ import shutil
 import socket
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -152,6 +153,8 @@ def test_shutdown_leaves_no_actor_group_or_port(ray_cluster, tiny8):
     host, port = engine.rendezvous.removeprefix("tcp://").rsplit(":", 1)
     engine.generate(_requests([[3, 4, 5]], n=4))
     assert not _nothing_listens(host, int(port), timeout_s=0.2), "the group's store should listen while running"
+    spin_counts = {name: psutil.Process(pid).environ().get("GOMP_SPINCOUNT") for name, pid in engine.pids().items()}
+    assert set(spin_counts.values()) == {"100"}, f"ranks sharing this host should spin briefly: {spin_counts}"
     engine.shutdown()
     _assert_no_mixserve_actors(ray_cluster)
     assert placement_group_table()[pg_id]["state"] == "REMOVED"
