@@ -8,6 +8,7 @@ packages of the test environment.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,10 +106,28 @@ def helm_template(values_file: str | None = None, *extra: str, check: bool = Tru
 
 
 @cache
-def render(values_file: str | None = None) -> Render:
-    """Renders the chart once per values file (None: the chart's defaults)."""
-    docs = yaml.safe_load_all(helm_template(values_file).stdout)
+def render(values_file: str | None = None, *extra: str) -> Render:
+    """Renders the chart once per values file (None: the chart's defaults) and extra helm arguments (--set ...)."""
+    docs = yaml.safe_load_all(helm_template(values_file, *extra).stdout)
     return Render(values_file, tuple(d for d in docs if d))
+
+
+def render_notes(tmp_path: Path, values_file: str | None = None, *extra: str) -> str:
+    """NOTES.txt renders only at install; a copy of the chart carries it in a ConfigMap for `helm template`."""
+    chart = tmp_path / "mixserve"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "{{- end }}\n")
+    (chart / "templates" / "notes-configmap.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "test.notes" . | quote }}\n'
+    )
+    cmd = [find_tool("helm"), "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version",
+           KUBE_VERSION, "--show-only", "templates/notes-configmap.yaml"]
+    if values_file:
+        cmd += ["-f", str(CI_VALUES / values_file)]
+    return yaml.safe_load(run([*cmd, *extra]).stdout)["data"]["notes"]
 
 
 def fullname() -> str:
@@ -124,6 +143,30 @@ def pod_templates(r: Render) -> list[tuple[str, dict]]:
         out.append(("RayCluster head", rc["spec"]["headGroupSpec"]["template"]))
         out += [(f"RayCluster {g['groupName']}", g["template"]) for g in rc["spec"]["workerGroupSpecs"]]
     return out
+
+
+def head_template(r: Render) -> dict:
+    """The pod template of the head (gateway + coordinator), Deployment or RayCluster head group."""
+    (template,) = [t for _, t in pod_templates(r) if t["metadata"]["labels"]["app.kubernetes.io/component"] == "head"]
+    return template
+
+
+def head_container(r: Render) -> dict:
+    (container,) = [c for c in head_template(r)["spec"]["containers"] if c["name"] == "ray-head"]
+    return container
+
+
+def worker_templates(r: Render) -> list[dict]:
+    return [t for _, t in pod_templates(r) if t["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+
+
+def serve_args(r: Render) -> dict[str, str]:
+    """--flag=value pairs of the `exec mixserve 'serve' ...` line of the head script."""
+    script = head_container(r)["args"][0]
+    (line,) = [ln for ln in script.splitlines() if ln.startswith("exec mixserve ")]
+    words = re.findall(r"'([^']*)'", line)
+    assert words[0] == "serve", line
+    return dict(w.removeprefix("--").split("=", 1) for w in words[1:])
 
 
 def containers(pod_spec: dict) -> list[dict]:

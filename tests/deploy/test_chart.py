@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
 
 import pytest
-import yaml
 
 from tests.deploy.helpers import (
     CHART,
@@ -20,12 +18,17 @@ from tests.deploy.helpers import (
     containers,
     find_tool,
     fullname,
+    head_container,
+    head_template,
     helm_template,
     pod_templates,
     render,
+    render_notes,
     run,
     selects,
+    serve_args,
     service_selects,
+    worker_templates,
 )
 
 VALUE_SETS = [None, "cpu-values.yaml", "gpu-multinode-values.yaml", "kuberay-values.yaml"]
@@ -35,31 +38,6 @@ GPU = "nvidia.com/gpu"
 
 def ids(value_file: str | None) -> str:
     return value_file or "defaults"
-
-
-def head_container(r: Render) -> dict:
-    ((_, template),) = [(o, t) for o, t in pod_templates(r) if t["metadata"]["labels"].get(
-        "app.kubernetes.io/component") == "head"]
-    (container,) = [c for c in template["spec"]["containers"] if c["name"] == "ray-head"]
-    return container
-
-
-def head_template(r: Render) -> dict:
-    (template,) = [t for _, t in pod_templates(r) if t["metadata"]["labels"]["app.kubernetes.io/component"] == "head"]
-    return template
-
-
-def worker_templates(r: Render) -> list[dict]:
-    return [t for _, t in pod_templates(r) if t["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
-
-
-def serve_args(r: Render) -> dict[str, str]:
-    """--flag=value pairs of the `exec mixserve 'serve' ...` line of the head script."""
-    script = head_container(r)["args"][0]
-    (line,) = [ln for ln in script.splitlines() if ln.startswith("exec mixserve ")]
-    words = re.findall(r"'([^']*)'", line)
-    assert words[0] == "serve", line
-    return dict(w.removeprefix("--").split("=", 1) for w in words[1:])
 
 
 def env_of(container: dict) -> dict[str, dict]:
@@ -429,21 +407,7 @@ def test_container_scripts_are_valid_bash(values_file):
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
 def test_notes_render(values_file, tmp_path):
-    """NOTES.txt renders only at install; a copy of the chart carries it in a ConfigMap for `helm template`."""
-    chart = tmp_path / "mixserve"
-    shutil.copytree(CHART, chart)
-    notes = (chart / "templates" / "NOTES.txt").read_text()
-    (chart / "templates" / "NOTES.txt").unlink()
-    (chart / "templates" / "_notes.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "{{- end }}\n")
-    (chart / "templates" / "notes-configmap.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
-        '  notes: {{ include "test.notes" . | quote }}\n'
-    )
-    cmd = [find_tool("helm"), "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version",
-           KUBE_VERSION, "--show-only", "templates/notes-configmap.yaml"]
-    if values_file:
-        cmd += ["-f", str(CI_VALUES / values_file)]
-    text = yaml.safe_load(run(cmd).stdout)["data"]["notes"]
+    text = render_notes(tmp_path, values_file)
     assert f"port-forward svc/{fullname()} 50051:50051" in text, text
     assert "mixserve.v1.MixServe/Generate" in text and "grpc.health.v1.Health/Check" in text
     assert "expert workers:" in text and "<no value>" not in text, text

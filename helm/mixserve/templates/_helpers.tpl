@@ -118,6 +118,30 @@ mixserve/worker-group: {{ .group.name }}
 {{- if and .Values.model.download.enabled (not .Values.model.download.repoId) }}
 {{- fail "model.download.enabled needs model.download.repoId (e.g. mistralai/Mixtral-8x7B-Instruct-v0.1)" }}
 {{- end }}
+{{- include "mixserve.validateGateway" . }}
+{{- end }}
+
+{{/* Checks of gateway.tls and gateway.apiKeys: every enabled part names its Secret. */}}
+{{- define "mixserve.validateGateway" -}}
+{{- $tls := .Values.gateway.tls }}
+{{- if $tls.enabled }}
+{{- $_ := required "gateway.tls.enabled needs gateway.tls.existingSecret: the name of a kubernetes.io/tls Secret with tls.crt and tls.key" $tls.existingSecret }}
+{{- $taken := dict "serve.grpcPort" .Values.serve.grpcPort "serve.metricsPort" .Values.serve.metricsPort "ray.gcsPort" .Values.ray.gcsPort "ray.dashboardPort" .Values.ray.dashboardPort "ray.clientPort" .Values.ray.clientPort "ray.dashboardAgentPort" .Values.ray.dashboardAgentPort }}
+{{- range $name, $port := $taken }}
+{{- if eq (int $port) (int $tls.healthPort) }}
+{{- fail (printf "gateway.tls.healthPort (%d) must differ from %s: the probes' plaintext health port needs a port of its own" (int $tls.healthPort) $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $tls.clientCA.enabled }}
+{{- if not $tls.enabled }}
+{{- fail "gateway.tls.clientCA.enabled needs gateway.tls.enabled: client certificates (mTLS) need TLS" }}
+{{- end }}
+{{- $_ := required "gateway.tls.clientCA.enabled needs gateway.tls.clientCA.existingSecret: the name of a Secret holding the PEM CA bundle that signs client certificates" $tls.clientCA.existingSecret }}
+{{- end }}
+{{- if .Values.gateway.apiKeys.enabled }}
+{{- $_ := required "gateway.apiKeys.enabled needs gateway.apiKeys.existingSecret: the name of a Secret holding the API keys file (one key per line)" .Values.gateway.apiKeys.existingSecret }}
+{{- end }}
 {{- end }}
 
 {{/* `mixserve serve` command line, one argument per line (YAML list items). */}}
@@ -136,6 +160,18 @@ mixserve/worker-group: {{ .group.name }}
 - --ray-address=auto
 - --placement={{ .Values.serve.placement }}
 - --kv-cache-mib={{ int .Values.serve.kvCacheMiB }}
+{{- $dir := include "mixserve.gatewaySecretsDir" . }}
+{{- if .Values.gateway.tls.enabled }}
+- --tls-cert={{ $dir }}/tls/tls.crt
+- --tls-key={{ $dir }}/tls/tls.key
+{{- if .Values.gateway.tls.clientCA.enabled }}
+- --tls-client-ca={{ $dir }}/client-ca/ca.crt
+{{- end }}
+- --health-port={{ int .Values.gateway.tls.healthPort }}
+{{- end }}
+{{- if .Values.gateway.apiKeys.enabled }}
+- --api-keys-file={{ $dir }}/api-keys/keys
+{{- end }}
 {{- range .Values.serve.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -211,6 +247,65 @@ mixserve/worker-group: {{ .group.name }}
 {{- end }}
 {{- end }}
 
+{{/* Gateway TLS material and API keys: Secrets mounted read-only into the head pod only. ----------- */}}
+
+{{- define "mixserve.gatewaySecretsDir" -}}
+/etc/mixserve
+{{- end }}
+
+{{/* Mode 0440: the key files are readable by their group, podSecurityContext.fsGroup, and no one else. */}}
+{{- define "mixserve.gatewayVolumes" -}}
+{{- $tls := .Values.gateway.tls }}
+{{- if $tls.enabled }}
+- name: gateway-tls
+  secret:
+    secretName: {{ $tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- if $tls.clientCA.enabled }}
+- name: gateway-client-ca
+  secret:
+    secretName: {{ $tls.clientCA.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $tls.clientCA.key }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+{{- if .Values.gateway.apiKeys.enabled }}
+- name: gateway-api-keys
+  secret:
+    secretName: {{ .Values.gateway.apiKeys.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.gateway.apiKeys.key }}
+        path: keys
+{{- end }}
+{{- end }}
+
+{{- define "mixserve.gatewayVolumeMounts" -}}
+{{- $dir := include "mixserve.gatewaySecretsDir" . }}
+{{- if .Values.gateway.tls.enabled }}
+- name: gateway-tls
+  mountPath: {{ $dir }}/tls
+  readOnly: true
+{{- if .Values.gateway.tls.clientCA.enabled }}
+- name: gateway-client-ca
+  mountPath: {{ $dir }}/client-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if .Values.gateway.apiKeys.enabled }}
+- name: gateway-api-keys
+  mountPath: {{ $dir }}/api-keys
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{/* Init container that fetches the checkpoint from the Hugging Face Hub (model.download). */}}
 {{- define "mixserve.initContainers" -}}
 {{- if .Values.model.download.enabled }}
@@ -279,11 +374,17 @@ mixserve/worker-group: {{ .group.name }}
 {{- toYaml $res }}
 {{- end }}
 
-{{/* A probe with its gRPC port set to serve.grpcPort. */}}
+{{/* Port of the head's gRPC probes: serve.grpcPort, or with TLS on the gateway's plaintext health-only port
+     (--health-port), since Kubernetes' gRPC probes cannot speak TLS. */}}
+{{- define "mixserve.probePort" -}}
+{{- ternary (int .Values.gateway.tls.healthPort) (int .Values.serve.grpcPort) .Values.gateway.tls.enabled }}
+{{- end }}
+
+{{/* A probe with its gRPC port set to mixserve.probePort. */}}
 {{- define "mixserve.grpcProbe" -}}
 {{- $probe := deepCopy .probe }}
 {{- if hasKey $probe "grpc" }}
-{{- $_ := set $probe.grpc "port" (int .root.Values.serve.grpcPort) }}
+{{- $_ := set $probe.grpc "port" (int (include "mixserve.probePort" .root)) }}
 {{- end }}
 {{- toYaml $probe }}
 {{- end }}
@@ -301,6 +402,11 @@ mixserve/worker-group: {{ .group.name }}
 - name: grpc
   containerPort: {{ .Values.serve.grpcPort }}
   protocol: TCP
+{{- if .Values.gateway.tls.enabled }}
+- name: grpc-health
+  containerPort: {{ .Values.gateway.tls.healthPort }}
+  protocol: TCP
+{{- end }}
 - name: http-metrics
   containerPort: {{ .Values.serve.metricsPort }}
   protocol: TCP

@@ -56,8 +56,14 @@ containers:
       {{- toYaml .Values.securityContext | nindent 6 }}
     volumeMounts:
       {{- include "mixserve.volumeMounts" . | nindent 6 }}
+      {{- with (include "mixserve.gatewayVolumeMounts" . | trim) }}
+      {{- . | nindent 6 }}
+      {{- end }}
 volumes:
   {{- include "mixserve.volumes" . | nindent 2 }}
+  {{- with (include "mixserve.gatewayVolumes" . | trim) }}
+  {{- . | nindent 2 }}
+  {{- end }}
 {{- with $h.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
