@@ -106,6 +106,25 @@ def helm_template(values_file: str | None = None, *extra: str, check: bool = Tru
 
 
 @cache
+def helm_lint(values_file: str | None = None, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [find_tool("helm"), "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *extra]
+    if values_file:
+        cmd += ["-f", str(CI_VALUES / values_file)]
+    return run(cmd, check=check)
+
+
+def validate_kubernetes(obj: dict, where: str) -> None:
+    """Fails the test, naming `where`, unless obj matches the Kubernetes schemas of KUBE_VERSION."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("kubernetes-validate is not installed: pip install kubernetes-validate (a test dependency)")
+    try:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{where}: {exc.message} at {list(exc.path)}")
+
+
 def render(values_file: str | None = None, *extra: str) -> Render:
     """Renders the chart once per values file (None: the chart's defaults) and extra helm arguments (--set ...)."""
     docs = yaml.safe_load_all(helm_template(values_file, *extra).stdout)

@@ -9,17 +9,15 @@ import re
 import pytest
 
 from tests.deploy.helpers import (
-    CHART,
     CI_VALUES,
-    KUBE_VERSION,
     NAMESPACE,
     RELEASE,
     Render,
     containers,
-    find_tool,
     fullname,
     head_container,
     head_template,
+    helm_lint,
     helm_template,
     pod_templates,
     render,
@@ -28,6 +26,7 @@ from tests.deploy.helpers import (
     selects,
     serve_args,
     service_selects,
+    validate_kubernetes,
     worker_templates,
 )
 
@@ -57,44 +56,24 @@ def test_ci_value_sets_exist():
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
 def test_helm_lint_strict(values_file):
-    cmd = [find_tool("helm"), "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART)]
-    if values_file:
-        cmd += ["-f", str(CI_VALUES / values_file)]
-    out = run(cmd).stdout
+    out = helm_lint(values_file).stdout
     assert "0 chart(s) failed" in out, out
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
 def test_builtin_objects_match_kubernetes_schemas(values_file):
-    kubernetes_validate = _kubernetes_validate()
     r = render(values_file)
     builtin = [o for o in r.objects if o["kind"] not in CRD_KINDS]
     assert builtin, r.names()
     for obj in builtin:
-        try:
-            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            name = f"{obj['kind']}/{obj['metadata']['name']}"
-            pytest.fail(f"{name} ({ids(values_file)}): {exc.message} at {list(exc.path)}")
+        validate_kubernetes(obj, f"{obj['kind']}/{obj['metadata']['name']} ({ids(values_file)})")
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
 def test_pod_templates_inside_raycluster_match_kubernetes_schemas(values_file):
-    kubernetes_validate = _kubernetes_validate()
     for owner, template in pod_templates(render(values_file)):
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
-        try:
-            kubernetes_validate.validate(wrapped, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"pod template of {owner} ({ids(values_file)}): {exc.message} at {list(exc.path)}")
-
-
-def _kubernetes_validate():
-    try:
-        import kubernetes_validate
-    except ImportError:
-        pytest.fail("kubernetes-validate is not installed: pip install kubernetes-validate (a test dependency)")
-    return kubernetes_validate
+        validate_kubernetes(wrapped, f"pod template of {owner} ({ids(values_file)})")
 
 
 # ------------------------------------------------------------------ properties of every render

@@ -11,21 +11,18 @@ import pytest
 
 from cluster.gateway.security import PUBLIC_METHOD_PREFIXES
 from tests.deploy.helpers import (
-    CHART,
-    CI_VALUES,
-    KUBE_VERSION,
     NAMESPACE,
-    find_tool,
     fullname,
     head_container,
     head_template,
+    helm_lint,
     helm_template,
     pod_templates,
     render,
     render_notes,
-    run,
     serve_args,
     service_selects,
+    validate_kubernetes,
     worker_templates,
 )
 
@@ -201,33 +198,18 @@ def test_helm_test_pod_checks_health_where_it_answers(name):
 
 @pytest.mark.parametrize(("values_file", "args"), RENDERS, ids=RENDER_IDS)
 def test_helm_lint_strict(values_file, args):
-    cmd = [find_tool("helm"), "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *args]
-    if values_file:
-        cmd += ["-f", str(CI_VALUES / values_file)]
-    out = run(cmd).stdout
+    out = helm_lint(values_file, *args).stdout
     assert "0 chart(s) failed" in out, out
 
 
 @pytest.mark.parametrize(("values_file", "args"), RENDERS, ids=RENDER_IDS)
 def test_objects_match_kubernetes_schemas(values_file, args):
-    kubernetes_validate = _kubernetes_validate()
     r = render(values_file, *args)
     objects = [o for o in r.objects if o["kind"] not in CRD_KINDS]
     objects += [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": owner}, "template": t}
                 for owner, t in pod_templates(r)]
     for obj in objects:
-        try:
-            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
-
-
-def _kubernetes_validate():
-    try:
-        import kubernetes_validate
-    except ImportError:
-        pytest.fail("kubernetes-validate is not installed: pip install kubernetes-validate (a test dependency)")
-    return kubernetes_validate
+        validate_kubernetes(obj, f"{obj['kind']}/{obj['metadata']['name']}")
 
 
 # ------------------------------------------------------------------ values the chart must refuse
@@ -250,7 +232,7 @@ def test_enabling_without_a_secret_fails_template_and_lint(args, schema_message,
     proc = helm_template(None, *args, check=False)
     assert proc.returncode != 0, f"rendered although {args}"
     assert schema_message in proc.stderr, proc.stderr
-    lint = run([find_tool("helm"), "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *args], check=False)
+    lint = helm_lint(None, *args, check=False)
     assert lint.returncode != 0, lint.stdout
     assert schema_message in lint.stdout + lint.stderr, lint.stdout + lint.stderr
     # the templates refuse on their own too, with a sentence naming the value to set
