@@ -30,14 +30,7 @@ class RankDriver:
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Caches every prompt in one step; returns the final hidden state of each prompt's last token [B, D]."""
         assert not self.blocks, "prefill once per driver; release() first"
-        self.blocks = [SequenceBlocks() for _ in prompts]
-        chunks = []
-        for blocks, prompt in zip(self.blocks, prompts, strict=True):
-            self.rank.pool.reserve(blocks, len(prompt))
-            chunks.append(SequenceChunk(blocks, 0, len(prompt)))
-        ids_T = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
-        h_TD = self.rank.forward(ids_T, chunks, self.timings)
-        self.lengths = [len(p) for p in prompts]
+        h_TD = self.prefill_all_positions(prompts)
         last_B = torch.tensor(self.lengths).cumsum(0) - 1
         return h_TD[last_B.to(h_TD.device)]
 
