@@ -1,9 +1,10 @@
-"""Runs the engine on one thread; other threads submit, abort and drain updates.
+"""Runs the engine on the rank's torch thread; other threads submit, abort and drain updates.
 
-Only the loop thread touches the engine (and so the collectives). When idle it sends a keepalive so
-expert ranks blocked on the next step header stay inside the collective timeout. A failed step (a
-dead worker, a timed-out collective) ends every in-flight request with an error update and fails
-later submissions with WorkerUnavailable: never a hang, never a silent wrong answer.
+Only the loop (on the `TorchThread` that also loaded the weights) touches the engine (and so the
+collectives). When idle it sends a keepalive so expert ranks blocked on the next step header stay inside
+the collective timeout. A failed step (a dead worker, a timed-out collective) ends every in-flight request
+with an error update and fails later submissions with WorkerUnavailable: never a hang, never a silent
+wrong answer.
 """
 
 from __future__ import annotations
@@ -38,18 +39,12 @@ class EngineLoop:
         self._outbox: list[SequenceUpdate] = []
         self._stopping = False
         self.failure: str | None = None
-        self._thread: threading.Thread | None = None
         self._future: Future | None = None
 
-    def start(self, torch_thread: TorchThread | None = None) -> None:
-        """Runs the loop on torch_thread (the thread that loaded the weights, see cluster.torch_thread),
-        or on a thread of its own."""
-        if torch_thread is not None:
-            self._future = torch_thread.start(self._run)
-            self._future.add_done_callback(_log_crash)
-        else:
-            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-            self._thread.start()
+    def start(self, torch_thread: TorchThread) -> None:
+        """Runs the loop on torch_thread, the thread that loaded the weights (see cluster.torch_thread)."""
+        self._future = torch_thread.start(self._run)
+        self._future.add_done_callback(_log_crash)
 
     def submit(self, request: GenerationRequest) -> None:
         if self.failure:
@@ -78,16 +73,12 @@ class EngineLoop:
 
     @property
     def running(self) -> bool:
-        if self._future is not None:
-            return not self._future.done()
-        return self._thread is not None and self._thread.is_alive()
+        return self._future is not None and not self._future.done()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout_s)
         if self._future is not None:
             wait([self._future], timeout=timeout_s)
 
