@@ -10,7 +10,6 @@ from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
 from tests.reference import hf_greedy, load_hf, relative_error, teacher_forced_logits
 from tests.tiny_models import TINY_VARIANTS
-from workers.model import experts as experts_module
 from workers.model import linear as linear_module
 from workers.model.experts import PackedLayerExperts
 from workers.model.linear import PackedLinear
@@ -36,7 +35,6 @@ def test_logits_and_greedy_tokens_match_transformers(tiny_checkpoints, variant, 
     """packed: every matmul weight in oneDNN's layout (tiny weights are below the size that packs by default)."""
     if packed:
         monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(experts_module, "PACK_MIN_ELEMENTS", 0)
     model_dir = tiny_checkpoints[variant]
     hf = load_hf(model_dir)
     prompts = _prompts(hf.config.vocab_size, seed=len(variant))

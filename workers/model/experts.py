@@ -6,12 +6,13 @@ Shapes: N rows, D model dim, F expert ffn dim, e local experts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from workers.model.linear import PACK_MIN_ELEMENTS, Linear, can_pack, prepare_linear
+from workers.model.linear import Linear, PackedLinear, can_pack, worth_packing
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,19 @@ def prepare_layer_experts(layer: LayerExperts, *, pack: bool = True, force: bool
     force is set); the stacked tensors (padded bmm) otherwise."""
     if not (pack and packs_experts(layer.w13_e2FD.device, layer.dtype, layer.w2_eDF[0].numel(), force=force)):
         return layer
-    return PackedLayerExperts(
-        w13_e=tuple(prepare_linear(w, force=True) for w in layer.w13_e2FD.unbind(0)),
-        w2_e=tuple(prepare_linear(w, force=True) for w in layer.w2_eDF.unbind(0)),
-    )
+    return pack_experts(layer.w13_e2FD.unbind(0), layer.w2_eDF.unbind(0))
 
 
 def packs_experts(
     device: torch.device | str, dtype: torch.dtype, expert_w2_elements: int, *, force: bool = False
 ) -> bool:
     """Packed experts run one matmul pair per expert: worth it once each expert's weights are large."""
-    return can_pack(device, dtype, PACK_MIN_ELEMENTS if force else expert_w2_elements)
+    return can_pack(device, dtype) and (force or worth_packing(expert_w2_elements))
+
+
+def pack_experts(w13_e2FD: Sequence[torch.Tensor], w2_eDF: Sequence[torch.Tensor]) -> PackedLayerExperts:
+    """One packed linear per expert from its [2F, D] and [D, F] weights (where packs_experts allows)."""
+    return PackedLayerExperts(w13_e=tuple(map(PackedLinear, w13_e2FD)), w2_e=tuple(map(PackedLinear, w2_eDF)))
 
 
 def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:

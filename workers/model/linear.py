@@ -32,14 +32,18 @@ class Linear(Protocol):
         ...
 
 
-def can_pack(device: torch.device | str, dtype: torch.dtype, num_elements: int = PACK_MIN_ELEMENTS) -> bool:
+def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """oneDNN can hold weights of this device and dtype."""
     return (
-        num_elements >= PACK_MIN_ELEMENTS
-        and torch.device(device).type == "cpu"
+        torch.device(device).type == "cpu"
         and dtype in _PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
     )
+
+
+def worth_packing(num_elements: int) -> bool:
+    return num_elements >= PACK_MIN_ELEMENTS
 
 
 class PackedLinear:
@@ -75,6 +79,6 @@ class PlainLinear:
 def prepare_linear(w_OI: torch.Tensor, *, pack: bool = True, force: bool = False) -> Linear:
     """The packed form where the device supports it and the weight is big enough to gain (or force is set),
     the plain weight otherwise or when pack is off."""
-    if pack and can_pack(w_OI.device, w_OI.dtype, PACK_MIN_ELEMENTS if force else w_OI.numel()):
+    if pack and can_pack(w_OI.device, w_OI.dtype) and (force or worth_packing(w_OI.numel())):
         return PackedLinear(w_OI)
     return PlainLinear(w_OI)

@@ -13,7 +13,7 @@ import torch
 
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointReader, expert_tensor_name
-from workers.model.experts import ExpertWeights, LayerExperts, PackedLayerExperts, packs_experts
+from workers.model.experts import ExpertWeights, LayerExperts, pack_experts, packs_experts
 from workers.model.linear import Linear, prepare_linear
 
 
@@ -126,9 +126,7 @@ def load_expert_shard(
         ]
         w2 = [t.pop(expert_tensor_name(layer, e, "w2")) for e in expert_ids]
         if packed:
-            packed_w13 = tuple(prepare_linear(w, force=True) for w in w13)
-            packed_w2 = tuple(prepare_linear(w, force=True) for w in w2)
-            layers.append(PackedLayerExperts(w13_e=packed_w13, w2_e=packed_w2))
+            layers.append(pack_experts(w13, w2))
         else:
             layers.append(LayerExperts(w13_e2FD=torch.stack(w13).contiguous(), w2_eDF=torch.stack(w2).contiguous()))
     return ExpertShard(expert_ids=tuple(expert_ids), layers=tuple(layers), tensor_names=tuple(shapes))
