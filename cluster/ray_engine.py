@@ -103,28 +103,28 @@ class RayExpertParallelEngine:
         # computes), so the coordinator may use every core of its host; expert workers compute at the same
         # time, so they split their host's cores among themselves.
         workers_per_node = Counter(nodes[b] for b in range(1, len(nodes)))
-        self._ranks_per_node = Counter(nodes.values())
-        self._node_of_bundle = dict(nodes)
+        ranks_per_node = Counter(nodes.values())
         rank_settings = RankSettings(
             model_dir=self.settings.model_dir, dtype=self.settings.dtype, device=self.settings.device.type,
             threads=self.options.threads_per_rank, backend="nccl" if self.settings.device.type == "cuda" else "gloo",
             collective_timeout_s=self.options.collective_timeout_s,
         )
-        self.coordinator = self._actor(Coordinator, 0, max_concurrency=16).remote(
+        shares_host = [ranks_per_node[nodes[b]] > 1 for b in range(len(nodes))]
+        self.coordinator = self._actor(Coordinator, 0, max_concurrency=16, shares_host=shares_host[0]).remote(
             rank_settings, self.parallel, self.scheduler, 1
         )
         self.workers = [
-            self._actor(ExpertWorker, w + 1, max_concurrency=4).remote(
+            self._actor(ExpertWorker, w + 1, max_concurrency=4, shares_host=shares_host[w + 1]).remote(
                 w, self.placement.experts_of_worker(w), rank_settings, workers_per_node[nodes[w + 1]]
             )
             for w in range(self.options.num_workers)
         ]
 
-    def _actor(self, cls: type, bundle: int, *, max_concurrency: int):
+    def _actor(self, cls: type, bundle: int, *, max_concurrency: int, shares_host: bool):
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
         env_vars = {}
         spin = self.options.shared_host_spin_count
-        if spin is not None and self._ranks_per_node[self._node_of_bundle[bundle]] > 1:
+        if spin is not None and shares_host:
             env_vars["GOMP_SPINCOUNT"] = str(spin)
         return ray.remote(cls).options(
             num_cpus=self.options.cpus_per_rank, num_gpus=self._bundle().get("GPU", 0), max_concurrency=max_concurrency,
