@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.allocator import MallocSettings
 from cluster.bench.cli import add_bench_parser, run_bench
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError
@@ -212,6 +213,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    MallocSettings().apply_now()  # before any thread starts; the bench's transformers baseline gets it too
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

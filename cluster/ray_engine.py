@@ -10,13 +10,14 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import Coordinator, ExpertWorker, RankSettings, WorkerStartError
+from cluster.allocator import MallocSettings
 from cluster.engine_factory import num_kv_blocks
 from cluster.engine_stats import StatsSnapshot
 from cluster.errors import WorkerUnavailable
@@ -44,6 +45,8 @@ class ClusterOptions:
     # the default. Measured with 1 worker on 2 cores (W1 / W2 offline): default 300k spins 20.1-21.7 s
     # on W2; 10,000: 4.9-5.8 s / 17.3-17.9 s; 100: 3.5-3.8 s / 16.3-16.8 s.
     shared_host_spin_count: int | None = 100
+    # glibc malloc settings every rank process starts with (see cluster.allocator); None keeps glibc's own
+    malloc: MallocSettings | None = field(default_factory=MallocSettings)
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -122,7 +125,7 @@ class RayExpertParallelEngine:
 
     def _actor(self, cls: type, bundle: int, *, max_concurrency: int, shares_host: bool):
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
-        env_vars = {}
+        env_vars = self.options.malloc.env_vars() if self.options.malloc else {}
         spin = self.options.shared_host_spin_count
         if spin is not None and shares_host:
             env_vars["GOMP_SPINCOUNT"] = str(spin)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cluster.actors import WorkerStartError
+from cluster.allocator import MallocSettings
 from cluster.engine import LLMEngine
 from cluster.errors import WorkerUnavailable
 from cluster.placement import contiguous_placement
@@ -153,8 +154,12 @@ def test_shutdown_leaves_no_actor_group_or_port(ray_cluster, tiny8):
     host, port = engine.rendezvous.removeprefix("tcp://").rsplit(":", 1)
     engine.generate(_requests([[3, 4, 5]], n=4))
     assert not _nothing_listens(host, int(port), timeout_s=0.2), "the group's store should listen while running"
-    spin_counts = {name: psutil.Process(pid).environ().get("GOMP_SPINCOUNT") for name, pid in engine.pids().items()}
+    environs = {name: psutil.Process(pid).environ() for name, pid in engine.pids().items()}
+    spin_counts = {name: env.get("GOMP_SPINCOUNT") for name, env in environs.items()}
     assert set(spin_counts.values()) == {"100"}, f"ranks sharing this host should spin briefly: {spin_counts}"
+    for name, env in environs.items():
+        missing = {k: v for k, v in MallocSettings().env_vars().items() if env.get(k) != v}
+        assert not missing, f"{name} started without the malloc settings {missing}"
     engine.shutdown()
     _assert_no_mixserve_actors(ray_cluster)
     assert placement_group_table()[pg_id]["state"] == "REMOVED"
