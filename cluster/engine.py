@@ -7,6 +7,7 @@ attention rank (whose experts may live anywhere) and samples.
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 
 import torch
 
@@ -76,7 +77,7 @@ class LLMEngine:
         for s in plan:
             if s.seq.first_scheduled is None:
                 s.seq.first_scheduled = now
-        token_ids = [t for s in plan for t in s.seq.all_ids[s.chunk.start : s.chunk.start + s.chunk.num_new]]
+        token_ids = [t for s in plan for t in s.seq.token_ids(s.chunk.start, s.chunk.start + s.chunk.num_new)]
         h_TD = self.rank.forward(torch.tensor(token_ids, dtype=torch.int64), [s.chunk for s in plan], timings)
         sampled = [s for s in plan if s.completes]
         updates = self._sample(plan, sampled, h_TD, timings) if sampled else []
@@ -86,13 +87,14 @@ class LLMEngine:
     def _sample(
         self, plan: list[ScheduledChunk], sampled: list[ScheduledChunk], h_TD: torch.Tensor, timings: StepTimings
     ) -> list[SequenceUpdate]:
-        ends = torch.tensor([s.chunk.num_new for s in plan]).cumsum(0) - 1
-        rows = torch.tensor([int(ends[i]) for i, s in enumerate(plan) if s.completes])
+        last_rows = [end - 1 for end in accumulate(s.chunk.num_new for s in plan)]
+        rows = torch.tensor([row for row, s in zip(last_rows, plan, strict=True) if s.completes])
         with timings.phase("sampling"):
             logits_BV = self.rank.logits(h_TD[rows.to(h_TD.device)])
             params = [s.seq.request.sampling for s in sampled]
             ids_B, logprobs_B = sample_next(logits_BV, params, [s.seq.generator for s in sampled])
-            return [self._append(s, int(t), float(lp)) for s, t, lp in zip(sampled, ids_B, logprobs_B, strict=True)]
+            ids, logprobs = ids_B.tolist(), logprobs_B.tolist()
+            return [self._append(s, t, lp) for s, t, lp in zip(sampled, ids, logprobs, strict=True)]
 
     def _append(self, scheduled: ScheduledChunk, token_id: int, logprob: float) -> SequenceUpdate:
         seq = scheduled.seq

@@ -40,9 +40,13 @@ class Sequence:
     arrival: float = 0.0
     first_scheduled: float | None = None
 
-    @property
-    def all_ids(self) -> list[int]:
-        return list(self.request.prompt_token_ids) + self.output_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Ids at positions [start, end) of prompt + output, without copying the rest (a decode step reads
+        one id of a long sequence)."""
+        prompt = self.request.prompt_token_ids
+        if start >= len(prompt):
+            return self.output_ids[start - len(prompt) : end - len(prompt)]
+        return list(prompt[start:end]) + self.output_ids[: max(0, end - len(prompt))]
 
     @property
     def num_tokens(self) -> int:

@@ -42,6 +42,7 @@ class AttentionMetadata:
     mask_B1LqLk: torch.Tensor  # [B, 1, Lq, Lk] bool, True where attention is allowed
     write_slots_W: torch.Tensor  # [W] cache slots written this step
     write_rows_W: torch.Tensor  # [W] rows in T whose K/V go there
+    queries_dense: bool  # every sequence has Lq new tokens (a decode step): T = B * Lq, no query padding
 
     @property
     def write_first(self) -> bool:
@@ -97,15 +98,14 @@ def build_attention_metadata(pool: KVCachePool, chunks: list[SequenceChunk]) -> 
         mask_B1LqLk=allowed[:, None].to(device),
         write_slots_W=slots(q_pos)[write_mask].to(device),
         write_rows_W=query_index[write_mask].to(device),
+        queries_dense=bool((counts == lq).all()),
     )
 
 
 def _block_table(chunks: list[SequenceChunk]) -> torch.Tensor:
-    widest = max(len(c.blocks.blocks) for c in chunks)
-    table = torch.zeros(len(chunks), max(widest, 1), dtype=torch.int64)
-    for i, chunk in enumerate(chunks):
-        table[i, : len(chunk.blocks.blocks)] = torch.tensor(chunk.blocks.blocks, dtype=torch.int64)
-    return table
+    """[B, max blocks] block ids, zero-padded; built from one padded list (one tensor, not one per sequence)."""
+    widest = max(1, max(len(c.blocks.blocks) for c in chunks))
+    return torch.tensor([c.blocks.blocks + [0] * (widest - len(c.blocks.blocks)) for c in chunks], dtype=torch.int64)
 
 
 def paged_attention(
@@ -130,7 +130,11 @@ def paged_attention(
         values_BLkHD = torch.where(is_new, _rows(v_THkvDh, meta.new_index_BLk), _rows(v_flat, meta.key_slots_BLk))
         k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
         v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
-    queries_BLqHD = _rows(q_THDh, meta.query_index_BLq)
+    num_seqs, max_queries = meta.query_index_BLq.shape
+    if meta.queries_dense:  # rows are already [B, Lq] in order: no gather in, no mask-select out
+        queries_BLqHD = q_THDh.view(num_seqs, max_queries, num_heads, head_dim)
+    else:
+        queries_BLqHD = _rows(q_THDh, meta.query_index_BLq)
     out_BHLqD = F.scaled_dot_product_attention(
         queries_BLqHD.transpose(1, 2),
         keys_BLkHD.transpose(1, 2),
@@ -138,7 +142,8 @@ def paged_attention(
         attn_mask=meta.mask_B1LqLk,
         enable_gqa=True,
     )
-    out_THD = out_BHLqD.transpose(1, 2)[meta.query_valid_BLq]  # row-major = token order
+    out_BLqHD = out_BHLqD.transpose(1, 2)
+    out_THD = out_BLqHD if meta.queries_dense else out_BLqHD[meta.query_valid_BLq]  # row-major = token order
     return out_THD.reshape(num_tokens, num_heads * head_dim)
 
 
@@ -158,10 +163,9 @@ def project_qkv(
     cos_TDh: torch.Tensor,
     sin_TDh: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fused matmul for q, k, v; RoPE on q and k."""
+    """One fused matmul for q, k, v; RoPE on q and k together (one pass over their H + Hkv heads)."""
     num_tokens = x_TD.shape[0]
-    qkv = qkv_proj(x_TD)  # [T, (H + 2 Hkv) Dh]
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    q_THDh = apply_rope(q.view(num_tokens, num_heads, head_dim), cos_TDh, sin_TDh)
-    k_THkvDh = apply_rope(k.view(num_tokens, num_kv_heads, head_dim), cos_TDh, sin_TDh)
-    return q_THDh, k_THkvDh, v.view(num_tokens, num_kv_heads, head_dim)
+    qkv_THDh = qkv_proj(x_TD).view(num_tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 Hkv, Dh]
+    qk_THDh = apply_rope(qkv_THDh[:, : num_heads + num_kv_heads], cos_TDh, sin_TDh)  # [T, H + Hkv, Dh]
+    q_THDh, k_THkvDh = qk_THDh.split([num_heads, num_kv_heads], dim=1)
+    return q_THDh, k_THkvDh, qkv_THDh[:, num_heads + num_kv_heads :]
