@@ -102,21 +102,23 @@ class ExpertWorker:
             raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
         return list(self.shard.tensor_names)
 
-    def join_group(self, init_method: str, world_size: int, max_local_experts: int) -> None:
-        self.torch_thread.call(self._join_group, init_method, world_size, max_local_experts)
+    def join_group(self, init_method: str, parallel: ParallelConfig) -> None:
+        self.torch_thread.call(self._join_group, init_method, parallel)
 
-    def _join_group(self, init_method: str, world_size: int, max_local_experts: int) -> None:
+    def _join_group(self, init_method: str, parallel: ParallelConfig) -> None:
         assert self.shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
         try:
             self.group = create_group(
                 backend=self.settings.backend, init_method=init_method, rank=self.worker_index + 1,
-                world_size=world_size, timeout_s=self.settings.collective_timeout_s, device=_device(self.settings),
+                world_size=parallel.world_size, timeout_s=self.settings.collective_timeout_s,
+                device=_device(self.settings),
             )
         except Exception as exc:
             raise WorkerStartError(f"{self.name} could not join the group at {init_method}: {exc}") from exc
         self.rank = ExpertRank(
-            self.shard, group=self.group.group, device=self.group.device, max_local_experts=max_local_experts,
-            hidden_size=self.cfg.hidden_size,
+            self.shard, group=self.group.group, device=self.group.device, max_local_experts=parallel.max_local_experts,
+            hidden_size=self.cfg.hidden_size, top_k=self.cfg.num_experts_per_tok,
+            single_collective_max_bytes=parallel.single_collective_max_bytes,
         )
 
     def run(self) -> int:

@@ -155,7 +155,7 @@ class RayExpertParallelEngine:
         refs = [self.coordinator.start.remote(self.rendezvous, kv_blocks, self.settings.block_size)]
         if self.parallel is not None:
             refs += [
-                w.join_group.remote(self.rendezvous, self.parallel.world_size, self.parallel.max_local_experts)
+                w.join_group.remote(self.rendezvous, self.parallel)
                 for w in self.workers
             ]
         try:

@@ -145,6 +145,9 @@ class ParallelConfig:
 
     worker_of_expert: tuple[int, ...]
     collective_timeout_s: float = 20.0
+    # A step's rows go out in one collective with their counts (workers.comm.single_source) while the padding
+    # it sends, workers x T*K rows, stays within this many bytes (one worker: always, it pads nothing); 0: never.
+    single_collective_max_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not self.worker_of_expert:
@@ -154,6 +157,8 @@ class ParallelConfig:
             raise ConfigError(f"worker_of_expert must use workers 0..N-1 each at least once, got {sorted(workers)}")
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
+        if self.single_collective_max_bytes < 0:
+            raise ConfigError(f"single_collective_max_bytes must be >= 0, got {self.single_collective_max_bytes}")
 
     @property
     def num_workers(self) -> int:

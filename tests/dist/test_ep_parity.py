@@ -22,12 +22,13 @@ from workers.runtime.local_build import assemble_attention_rank
 CPU = torch.device("cpu")
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prompt_lens, errors) -> None:
+def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prompt_lens, max_bytes, errors) -> None:
     try:
         torch.set_num_threads(1)
         cfg = ModelConfig.from_model_dir(model_dir)
         placement = contiguous_placement(cfg.num_local_experts, world - 1)
-        parallel = ParallelConfig(worker_of_expert=placement.worker_of_expert, collective_timeout_s=60)
+        parallel = ParallelConfig(worker_of_expert=placement.worker_of_expert, collective_timeout_s=60,
+                                  single_collective_max_bytes=max_bytes)
         reader = CheckpointReader(model_dir)
         handle = create_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                               timeout_s=60)
@@ -42,7 +43,8 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prom
             shard = load_expert_shard(reader, cfg, parallel.experts_of_worker(rank - 1), dtype=torch.float32,
                                       device=CPU)
             ExpertRank(shard, group=handle.group, device=CPU, max_local_experts=parallel.max_local_experts,
-                       hidden_size=cfg.hidden_size).run()
+                       hidden_size=cfg.hidden_size, top_k=cfg.num_experts_per_tok,
+                       single_collective_max_bytes=parallel.single_collective_max_bytes).run()
         handle.destroy()
     except Exception:
         errors.put(("error", f"rank {rank}: {traceback.format_exc()}"))
@@ -50,7 +52,10 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prom
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 4])
-def test_expert_parallel_logits_match_transformers(tiny8, num_workers):
+@pytest.mark.parametrize(
+    "max_bytes", [1 << 20, 0], ids=["counts-with-rows", "split-sizes-first"]
+)  # tiny8 steps all fit 1 MiB: the first runs every step in one collective, the second never
+def test_expert_parallel_logits_match_transformers(tiny8, num_workers, max_bytes):
     hf = load_hf(tiny8)
     gen = torch.Generator().manual_seed(num_workers)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 17, 11)]
@@ -62,7 +67,7 @@ def test_expert_parallel_logits_match_transformers(tiny8, num_workers):
     port = free_port()
     prompt_lens = [len(p) for p in prompts]
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, str(tiny8), sequences, prompt_lens, results))
+        ctx.Process(target=_rank_main, args=(r, world, port, str(tiny8), sequences, prompt_lens, max_bytes, results))
         for r in range(world)
     ]
     for p in procs:

@@ -1,7 +1,10 @@
 """The expert rank's SPMD loop: wait for a step header, then for each layer receive rows, run the local
 experts (one matmul pair per expert over all its rows), and send the rows back.
 
-Driven entirely by the collectives of the attention rank; knows nothing of requests or tokens.
+Driven entirely by the collectives of the attention rank; knows nothing of requests or tokens. Rows
+arrive the way the attention rank sent them: with their counts in one collective for small steps (and
+every step with one expert rank), after a split-size exchange otherwise; both decide alike from the
+step header's token count.
 Shapes: M rows received, D model dim, e local experts.
 """
 
@@ -10,23 +13,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm import combine, dispatch, group_by_local_expert, unpermute
+from workers.comm import (
+    DispatchPlan,
+    combine,
+    dispatch,
+    dispatch_from_source,
+    fixed_capacity_rows,
+    group_by_local_expert,
+    unpermute,
+)
 from workers.model.experts import run_grouped_experts
 from workers.model.weights import ExpertShard
-from workers.runtime.step_header import Command, broadcast_command
+from workers.runtime.step_header import Command, broadcast_header
 from workers.runtime.timing import StepTimings
 
 
 class ExpertRank:
     def __init__(
         self, shard: ExpertShard, *, group: dist.ProcessGroup, device: torch.device, max_local_experts: int,
-        hidden_size: int,
+        hidden_size: int, top_k: int, single_collective_max_bytes: int,
     ) -> None:
         self.shard = shard
         self.group = group
         self.device = device
         self.max_local_experts = max_local_experts
         self.hidden_size = hidden_size
+        self.top_k = top_k
+        self.single_collective_max_bytes = single_collective_max_bytes
+        self.receivers = tuple(range(1, dist.get_world_size(group)))
         self.dtype = shard.layers[0].dtype
         self.timings = StepTimings()
         self.steps = 0
@@ -35,21 +49,22 @@ class ExpertRank:
     def run(self) -> None:
         """Serve steps until the attention rank broadcasts STOP; a failed collective raises CollectiveError."""
         while True:
-            command = broadcast_command(None, group=self.group, device=self.device)
-            if command is Command.STOP:
+            header = broadcast_header(None, group=self.group, device=self.device)
+            if header.command is Command.STOP:
                 return
-            if command is Command.STEP:
+            if header.command is Command.STEP:
+                capacity = fixed_capacity_rows(
+                    num_tokens=header.num_tokens, top_k=self.top_k,
+                    row_bytes=self.hidden_size * self.dtype.itemsize, num_receivers=len(self.receivers),
+                    max_padded_bytes=self.single_collective_max_bytes,
+                )
                 for layer in range(len(self.shard.layers)):
-                    self._layer(layer)
+                    self._layer(layer, capacity)
                 self.steps += 1
 
-    def _layer(self, layer: int) -> None:
-        nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
+    def _layer(self, layer: int, capacity: int | None) -> None:
         with self.timings.phase("dispatch"):
-            recv_x_MD, recv_local_M, plan = dispatch(
-                nothing_ND, no_ids_N, no_ids_N, group=self.group, num_local_experts_max=self.max_local_experts
-            )
+            recv_x_MD, recv_local_M, plan = self._receive(capacity)
         with self.timings.phase("experts"):
             order_M, counts_e = group_by_local_expert(recv_local_M, num_local_experts=len(self.shard.expert_ids))
             self.rows_per_local_expert[layer] += counts_e.cpu()
@@ -57,3 +72,14 @@ class ExpertRank:
             y_MD = unpermute(y_grouped_MD, order_M)
         with self.timings.phase("combine"):
             combine(y_MD, plan, group=self.group)
+
+    def _receive(self, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+        nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
+        if capacity is None:
+            return dispatch(nothing_ND, no_ids_N, no_ids_N, group=self.group,
+                            num_local_experts_max=self.max_local_experts)
+        return dispatch_from_source(
+            nothing_ND, no_ids_N, no_ids_N, group=self.group, num_local_experts_max=self.max_local_experts,
+            capacity=capacity, receivers=self.receivers,
+        )

@@ -1,11 +1,14 @@
-"""The step header the attention rank broadcasts before each engine step: run a step, keep alive, or stop.
+"""The step header the attention rank broadcasts before each engine step: run a step of T tokens, keep
+alive, or stop.
 
-Expert ranks block on it; the keepalive lets an idle server stay inside the collective timeout.
+Expert ranks block on it; the keepalive lets an idle server stay inside the collective timeout. The token
+count lets every rank size a step's single-collective dispatch alike (`workers.comm.single_source`).
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,11 +22,19 @@ class Command(enum.IntEnum):
     KEEPALIVE = 2
 
 
-def broadcast_command(command: Command | None, *, group: dist.ProcessGroup, device: torch.device) -> Command:
-    """Rank 0 passes its command; every other rank passes None and receives it."""
-    header = torch.tensor([int(command) if command is not None else -1], dtype=torch.int64, device=device)
+@dataclass(frozen=True)
+class StepHeader:
+    command: Command
+    num_tokens: int = 0  # tokens in the step (STEP only)
+
+
+def broadcast_header(header: StepHeader | None, *, group: dist.ProcessGroup, device: torch.device) -> StepHeader:
+    """Rank 0 passes its header; every other rank passes None and receives it."""
+    sent = (int(header.command), header.num_tokens) if header is not None else (-1, -1)
+    wire = torch.tensor(sent, dtype=torch.int64, device=device)  # [command, num_tokens]
     try:
-        dist.broadcast(header, src=0, group=group)
+        dist.broadcast(wire, src=0, group=group)
     except RuntimeError as exc:
         raise CollectiveError(f"step header broadcast failed on rank {dist.get_rank(group)}: {exc}") from exc
-    return Command(int(header.item()))
+    command, num_tokens = wire.tolist()
+    return StepHeader(Command(command), num_tokens)

@@ -1,0 +1,127 @@
+"""Dispatch from one source rank in a single collective: the per-expert counts travel with the rows.
+
+`dispatch` exchanges split sizes first, then the rows: two collectives. In this engine only the
+attention rank sends rows (the expert ranks only receive them and send them back), and every rank knows
+from the step header how many tokens the step holds, so the source's rows never exceed
+`capacity = T * K`. The source then sends each receiving rank one byte buffer of fixed size: a header of
+e_max int64 counts (rows per local expert), then room for `capacity` rows of which the first
+sum(counts) are real. Every split is known in advance, so one `all_to_all_single` carries counts and
+rows; `combine` is unchanged (the plan returned here is the one `dispatch` would have made).
+
+The price is padding: every receiver is sent room for `capacity` rows. With a single receiver there is
+none (all rows go to it); with several, `fixed_capacity_rows` admits the step only while the padded
+bytes stay small.
+
+Shape legend:
+    D  model dim
+    N  rows the source sends (T tokens * K top-k), at most `capacity`
+    M  rows this rank receives
+    R  ranks in the group
+    e  local experts on one rank; e_max the maximum over ranks
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from workers.comm.dispatch import _all_to_all, _check_device, _check_rows
+from workers.comm.errors import DispatchError
+from workers.comm.plan import DispatchPlan, plan_sends, received_local_experts
+
+_COUNT_BYTES = 8  # int64
+
+
+def fixed_capacity_rows(
+    *, num_tokens: int, top_k: int, row_bytes: int, num_receivers: int, max_padded_bytes: int
+) -> int | None:
+    """The capacity in rows if a step of num_tokens goes through `dispatch_from_source`, else None.
+
+    Every rank must decide alike, so this depends only on what all ranks know. max_padded_bytes 0 turns
+    the single-collective path off; a single receiver always takes it (it carries no padding)."""
+    capacity = num_tokens * top_k
+    if max_padded_bytes <= 0 or capacity == 0:
+        return None
+    if num_receivers == 1 or num_receivers * capacity * row_bytes <= max_padded_bytes:
+        return capacity
+    return None
+
+
+def dispatch_from_source(
+    x_ND: torch.Tensor,
+    dest_rank_N: torch.Tensor,
+    dest_local_expert_N: torch.Tensor,
+    *,
+    group: dist.ProcessGroup,
+    num_local_experts_max: int,
+    capacity: int,
+    receivers: tuple[int, ...],
+    source: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+    """Returns (recv_x_MD, recv_local_expert_M, plan) exactly as `dispatch` would.
+
+    Every rank calls it with the same capacity, receivers and source. The source passes its rows; every
+    other rank passes zero rows (of the right D and dtype) and no destinations."""
+    _check_device("x_ND", x_ND, group)
+    rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
+    if source in receivers or not receivers or any(not 0 <= r < num_ranks for r in receivers):
+        raise DispatchError(f"receivers {receivers} must be ranks of the group of {num_ranks} other than {source}")
+    device, (num_rows, width) = x_ND.device, x_ND.shape
+    row_bytes = width * x_ND.element_size()
+    header_bytes = num_local_experts_max * _COUNT_BYTES
+    slot_bytes = -(-(header_bytes + capacity * row_bytes) // _COUNT_BYTES) * _COUNT_BYTES  # 8-byte aligned
+    permutation_N = torch.empty(0, dtype=torch.int64, device=device)
+    send_counts_RE = torch.zeros(num_ranks, num_local_experts_max, dtype=torch.int64, device=device)
+    send_BYTES = torch.empty(0, dtype=torch.uint8, device=device)
+    if rank == source:
+        if num_rows > capacity:
+            raise DispatchError(f"x_ND has {num_rows} rows, more than the step's capacity of {capacity}")
+        permutation_N, send_counts_RE = plan_sends(
+            dest_rank_N.to(device), dest_local_expert_N.to(device), num_ranks=num_ranks,
+            num_local_experts_max=num_local_experts_max,
+        )
+        _check_rows("x_ND", x_ND, permutation_N.shape[0])
+        if int(send_counts_RE[[r for r in range(num_ranks) if r not in receivers]].sum()):
+            raise DispatchError(f"rows are routed to ranks outside the receivers {receivers}")
+        send_BYTES = _pack(x_ND, permutation_N, send_counts_RE, receivers, slot_bytes, header_bytes)
+    elif num_rows:
+        raise DispatchError(f"only the source rank {source} sends rows; rank {rank} got {num_rows}")
+    input_splits = [slot_bytes if rank == source and r in receivers else 0 for r in range(num_ranks)]
+    output_splits = [slot_bytes if rank in receivers and r == source else 0 for r in range(num_ranks)]
+    recv_BYTES = torch.empty(sum(output_splits), dtype=torch.uint8, device=device)
+    _all_to_all(recv_BYTES, send_BYTES, output_splits=tuple(output_splits), input_splits=tuple(input_splits),
+                group=group, what="dispatch counts + rows")
+    recv_counts_RE = torch.zeros(num_ranks, num_local_experts_max, dtype=torch.int64, device=device)
+    recv_x_MD = x_ND.new_empty((0, width))
+    if rank in receivers:
+        counts_e = recv_BYTES[:header_bytes].view(torch.int64)  # [e_max]
+        num_received = int(counts_e.sum())
+        if counts_e.min() < 0 or num_received > capacity:
+            raise DispatchError(f"received counts {counts_e.tolist()} do not fit the capacity of {capacity} rows")
+        recv_counts_RE[source] = counts_e
+        rows = recv_BYTES[header_bytes : header_bytes + num_received * row_bytes]
+        recv_x_MD = rows.view(x_ND.dtype).view(num_received, width)  # [M, D], a view of the received bytes
+    plan = DispatchPlan(
+        permutation_N=permutation_N, send_counts_RE=send_counts_RE, recv_counts_RE=recv_counts_RE,
+        input_splits=tuple(send_counts_RE.sum(1).tolist()), output_splits=tuple(recv_counts_RE.sum(1).tolist()),
+    )
+    return recv_x_MD, received_local_experts(recv_counts_RE, num_received=plan.num_received), plan
+
+
+def _pack(
+    x_ND: torch.Tensor, permutation_N: torch.Tensor, send_counts_RE: torch.Tensor, receivers: tuple[int, ...],
+    slot_bytes: int, header_bytes: int,
+) -> torch.Tensor:
+    """One slot per receiver, in rank order: [counts of its local experts | its rows, sorted | padding]."""
+    width, row_bytes = x_ND.shape[1], x_ND.shape[1] * x_ND.element_size()
+    send_BYTES = torch.empty(len(receivers) * slot_bytes, dtype=torch.uint8, device=x_ND.device)
+    rows_per_rank = send_counts_RE.sum(1).tolist()  # [R]
+    starts = [sum(rows_per_rank[:r]) for r in range(len(rows_per_rank))]  # rows sorted by rank come first
+    for slot, r in enumerate(sorted(receivers)):
+        base = slot * slot_bytes
+        send_BYTES[base : base + header_bytes].view(torch.int64).copy_(send_counts_RE[r])
+        count = rows_per_rank[r]
+        out_rows = send_BYTES[base + header_bytes : base + header_bytes + count * row_bytes]
+        rows_index = permutation_N[starts[r] : starts[r] + count]
+        torch.index_select(x_ND, 0, rows_index, out=out_rows.view(x_ND.dtype).view(count, width))
+    return send_BYTES
