@@ -128,6 +128,8 @@ class EngineClient:
             return
         self.metrics.worker_recoveries.inc()
         log.warning("recovered in %.1fs", time.monotonic() - started)
+        # the gauges say the new workers are up before health says SERVING (not a poll later)
+        self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
         await self._set_healthy(await asyncio.to_thread(self.engine.healthy))
 
 

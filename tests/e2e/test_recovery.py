@@ -21,11 +21,19 @@ pytestmark = pytest.mark.timeout(600)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def _stream(stub, prompt: list[int], max_new: int) -> list[int] | grpc.StatusCode:
+def _stream(
+    stub, prompt: list[int], max_new: int, first_token: threading.Event | None = None
+) -> list[int] | grpc.StatusCode:
+    """The stream's tokens, or its status code; sets first_token when its first chunk arrives."""
     request = pb.GenerateRequest(prompt_token_ids=prompt,
                                  sampling=pb.SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True))
+    tokens: list[int] = []
     try:
-        return [t for chunk in stub.GenerateStream(request, timeout=90) for t in chunk.token_ids]
+        for chunk in stub.GenerateStream(request, timeout=90):
+            tokens.extend(chunk.token_ids)
+            if first_token is not None:
+                first_token.set()
+        return tokens
     except grpc.RpcError as exc:
         return exc.code()
 
@@ -51,17 +59,10 @@ def test_killed_worker_during_32_streams(ray_cluster, served_model):
     prompts = [torch.randint(3, 320, (int(n),), generator=gen).tolist() for n in torch.randint(2, 30, (32,))]
     expected = [offline(served_model, p, max_new=60) for p in prompts]
     with RunningGateway(served_model, workers=2) as server:
-        started = threading.Event()
-
-        def run(i):
-            if i == 0:
-                started.set()
-            return _stream(server.stub, prompts[i], 60)
-
+        decoding = threading.Event()  # some stream has its first token: the batch is decoding, ~59 steps to go
         with futures.ThreadPoolExecutor(32) as pool:
-            pending = [pool.submit(run, i) for i in range(32)]
-            started.wait(30)
-            time.sleep(1.0)  # streams are decoding
+            pending = [pool.submit(_stream, server.stub, prompts[i], 60, decoding) for i in range(32)]
+            assert decoding.wait(60), "no stream produced a token"
             ray.kill(server.engine.workers[1], no_restart=True)
             killed_at = time.monotonic()
             outcomes = [f.result(timeout=120) for f in pending]  # nothing hangs
