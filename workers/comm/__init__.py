@@ -5,7 +5,7 @@ from workers.comm.errors import CollectiveError, DispatchError, GroupConfigError
 from workers.comm.group import ProcessGroupHandle, create_group, free_port
 from workers.comm.local import LocalDispatcher, local_combine, local_dispatch
 from workers.comm.plan import DispatchPlan, TokenDispatcher, group_by_local_expert, unpermute
-from workers.comm.single_source import dispatch_from_source, fixed_capacity_rows
+from workers.comm.single_source import dispatch_from_source, dispatch_step, fixed_capacity_rows
 
 __all__ = [
     "AllToAllDispatcher",
@@ -20,6 +20,7 @@ __all__ = [
     "create_group",
     "dispatch",
     "dispatch_from_source",
+    "dispatch_step",
     "exchange_counts",
     "fixed_capacity_rows",
     "free_port",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm.dispatch import _all_to_all, _check_device, _check_rows
+from workers.comm.dispatch import _all_to_all, _check_device, _check_rows, dispatch
 from workers.comm.errors import DispatchError
 from workers.comm.plan import DispatchPlan, plan_sends, received_local_experts
 
@@ -106,6 +106,25 @@ def dispatch_from_source(
         input_splits=tuple(send_counts_RE.sum(1).tolist()), output_splits=tuple(recv_counts_RE.sum(1).tolist()),
     )
     return recv_x_MD, received_local_experts(recv_counts_RE, num_received=plan.num_received), plan
+
+
+def dispatch_step(
+    x_ND: torch.Tensor,
+    dest_rank_N: torch.Tensor,
+    dest_local_expert_N: torch.Tensor,
+    *,
+    group: dist.ProcessGroup,
+    num_local_experts_max: int,
+    capacity: int | None,
+    receivers: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+    """The step's dispatch as every rank must run it alike: `dispatch_from_source` when `fixed_capacity_rows`
+    gave a capacity, `dispatch` (split sizes first) when it gave None."""
+    if capacity is None:
+        return dispatch(x_ND, dest_rank_N, dest_local_expert_N, group=group,
+                        num_local_experts_max=num_local_experts_max)
+    return dispatch_from_source(x_ND, dest_rank_N, dest_local_expert_N, group=group,
+                                num_local_experts_max=num_local_experts_max, capacity=capacity, receivers=receivers)
 
 
 def _pack(

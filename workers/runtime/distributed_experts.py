@@ -2,7 +2,7 @@
 
 The attention rank holds no expert; it sends each (token, expert) row to the expert's rank and weights
 the returned rows by the router. Small steps (and every step with one expert worker) send counts and rows
-in one collective (`dispatch_from_source`), others exchange split sizes first (`dispatch`).
+in one collective, others exchange split sizes first (`dispatch_step` picks, as the expert ranks do).
 Shapes: T tokens, K top-k, N = T*K rows, D model dim.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm import combine, dispatch, dispatch_from_source, fixed_capacity_rows
+from workers.comm import combine, dispatch_step, fixed_capacity_rows
 from workers.config import ParallelConfig
 from workers.model.experts import weight_and_sum
 from workers.runtime.step_header import Command, StepHeader, broadcast_header
@@ -48,14 +48,10 @@ class DistributedExperts:
                 num_tokens=num_tokens, top_k=top_k, row_bytes=x_TD.shape[1] * x_TD.element_size(),
                 num_receivers=len(self.receivers), max_padded_bytes=self.parallel.single_collective_max_bytes,
             )
-            if capacity is None:
-                _, _, plan = dispatch(x_ND, dest_rank_N, dest_local_N, group=self.group,
-                                      num_local_experts_max=self.parallel.max_local_experts)
-            else:
-                _, _, plan = dispatch_from_source(
-                    x_ND, dest_rank_N, dest_local_N, group=self.group,
-                    num_local_experts_max=self.parallel.max_local_experts, capacity=capacity, receivers=self.receivers,
-                )
+            _, _, plan = dispatch_step(
+                x_ND, dest_rank_N, dest_local_N, group=self.group,
+                num_local_experts_max=self.parallel.max_local_experts, capacity=capacity, receivers=self.receivers,
+            )
         with timings.phase("combine"):
             nothing_MD = x_TD.new_empty((0, x_TD.shape[1]))
             y_ND = combine(nothing_MD, plan, group=self.group)  # waits for the experts, returns original order

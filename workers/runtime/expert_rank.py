@@ -13,15 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm import (
-    DispatchPlan,
-    combine,
-    dispatch,
-    dispatch_from_source,
-    fixed_capacity_rows,
-    group_by_local_expert,
-    unpermute,
-)
+from workers.comm import combine, dispatch_step, fixed_capacity_rows, group_by_local_expert, unpermute
 from workers.model.experts import run_grouped_experts
 from workers.model.weights import ExpertShard
 from workers.runtime.step_header import Command, broadcast_header
@@ -63,8 +55,13 @@ class ExpertRank:
                 self.steps += 1
 
     def _layer(self, layer: int, capacity: int | None) -> None:
+        nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
         with self.timings.phase("dispatch"):
-            recv_x_MD, recv_local_M, plan = self._receive(capacity)
+            recv_x_MD, recv_local_M, plan = dispatch_step(
+                nothing_ND, no_ids_N, no_ids_N, group=self.group, num_local_experts_max=self.max_local_experts,
+                capacity=capacity, receivers=self.receivers,
+            )
         with self.timings.phase("experts"):
             order_M, counts_e = group_by_local_expert(recv_local_M, num_local_experts=len(self.shard.expert_ids))
             self.rows_per_local_expert[layer] += counts_e.cpu()
@@ -72,14 +69,3 @@ class ExpertRank:
             y_MD = unpermute(y_grouped_MD, order_M)
         with self.timings.phase("combine"):
             combine(y_MD, plan, group=self.group)
-
-    def _receive(self, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-        nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
-        if capacity is None:
-            return dispatch(nothing_ND, no_ids_N, no_ids_N, group=self.group,
-                            num_local_experts_max=self.max_local_experts)
-        return dispatch_from_source(
-            nothing_ND, no_ids_N, no_ids_N, group=self.group, num_local_experts_max=self.max_local_experts,
-            capacity=capacity, receivers=self.receivers,
-        )
