@@ -18,11 +18,11 @@ import torch
 
 from cluster.engine import LLMEngine
 from cluster.engine_loop import EngineLoop
-from cluster.engine_stats import StatsSnapshot
 from cluster.errors import WorkerUnavailable
-from cluster.requests import GenerationRequest, SequenceUpdate
+from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
 from cluster.torch_thread import TorchThread
+from cluster.update_channel import ChannelAddress
 from workers.comm import ProcessGroupHandle, create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
@@ -233,8 +233,9 @@ class Coordinator:
     def abort(self, request_id: str) -> None:
         self._started_loop().abort(request_id)
 
-    def drain(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
-        return self._started_loop().drain(timeout_s)
+    def subscribe(self, address: ChannelAddress) -> None:
+        """Sends every later update (and any waiting) to the subscriber listening at address."""
+        self._started_loop().subscribe(address)
 
     def failure(self) -> str | None:
         return self.loop.failure if self.loop else None

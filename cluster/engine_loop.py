@@ -1,8 +1,12 @@
-"""Runs the engine on the rank's torch thread; other threads submit, abort and drain updates.
+"""Runs the engine on the rank's torch thread; other threads submit, abort and subscribe to updates.
 
 Only the loop (on the `TorchThread` that also loaded the weights) touches the engine (and so the
-collectives). When idle it sends a keepalive so expert ranks blocked on the next step header stay inside
-the collective timeout. A failed step (a dead worker, a timed-out collective) ends every in-flight request
+collectives). After every step the loop itself sends the step's updates to the subscriber over its
+update channel (cluster.update_channel); updates made while no one subscribes wait for the next
+subscriber. A lost subscriber aborts every request in flight: no one is left to read them.
+
+When idle the loop sends a keepalive so expert ranks blocked on the next step header stay inside the
+collective timeout. A failed step (a dead worker, a timed-out collective) ends every in-flight request
 with an error update and fails later submissions with WorkerUnavailable: never a hang, never a silent
 wrong answer.
 """
@@ -20,6 +24,7 @@ from cluster.engine_stats import StatsSnapshot, merge_snapshots
 from cluster.errors import Overloaded, WorkerUnavailable
 from cluster.requests import GenerationRequest, SequenceUpdate
 from cluster.torch_thread import TorchThread
+from cluster.update_channel import ChannelAddress, ChannelClosed, UpdateBatch, UpdatePublisher
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,9 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._aborts: list[str] = []
-        self._outbox: list[SequenceUpdate] = []
+        self._outbox: list[SequenceUpdate] = []  # updates (and stats, in _stats) not yet sent
+        self._publisher: UpdatePublisher | None = None
+        self._flush = False  # a new subscriber waits for what is in the outbox
         self._stopping = False
         self.failure: str | None = None
         self._future: Future | None = None
@@ -62,14 +69,18 @@ class EngineLoop:
             self._aborts.append(request_id)
             self._cond.notify_all()
 
-    def drain(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
-        """All updates since the last drain, and the engine's stats over that time; waits up to timeout_s
-        for at least one update."""
+    def subscribe(self, address: ChannelAddress) -> None:
+        """Connects to a subscriber (on the caller's thread) and makes it the one the loop sends to; a
+        previous subscriber is closed. Raises ChannelClosed if the subscriber cannot be reached."""
+        if self.failure:
+            raise WorkerUnavailable(self.failure)
+        publisher = UpdatePublisher(address)
         with self._cond:
-            self._cond.wait_for(lambda: self._outbox or self._stopping or self.failure, timeout=timeout_s)
-            out, self._outbox = self._outbox, []
-            stats, self._stats = self._stats, []
-            return out, merge_snapshots(stats)
+            previous, self._publisher = self._publisher, publisher
+            self._flush = True
+            self._cond.notify_all()
+        if previous is not None:
+            previous.close()
 
     @property
     def running(self) -> bool:
@@ -88,6 +99,7 @@ class EngineLoop:
             with self._cond:
                 self._cond.wait_for(self._has_input, timeout=self.keepalive_interval_s)
                 if self._stopping:
+                    self._close_publisher()
                     return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
@@ -105,7 +117,7 @@ class EngineLoop:
             self._publish(updates)
 
     def _has_input(self) -> bool:
-        return bool(self._inbox or self._aborts or self._stopping or self.engine.has_work())
+        return bool(self._inbox or self._aborts or self._stopping or self._flush or self.engine.has_work())
 
     def _admit(self, inbox: list[GenerationRequest]) -> list[SequenceUpdate]:
         rejected = []
@@ -123,11 +135,39 @@ class EngineLoop:
             kv_cache_usage=engine.rank.pool.usage,
         )
         with self._cond:
-            merged = merge_snapshots([*self._stats, snapshot])
-            self._stats = [merged] if merged else []
-            if updates:
-                self._outbox.extend(updates)
-                self._cond.notify_all()
+            self._outbox.extend(updates)
+            self._stats = [merged] if (merged := merge_snapshots([*self._stats, snapshot])) else []
+            publisher, self._flush = self._publisher, False
+            if publisher is None or not (self._outbox or self._stats[0].batch_sizes):
+                return
+            batch = UpdateBatch(self._outbox, self._stats[0])
+            self._outbox, self._stats = [], []
+        try:
+            publisher.send(batch)
+        except ChannelClosed as exc:
+            self._lose_subscriber(publisher, exc)
+
+    def _close_publisher(self) -> None:
+        with self._cond:
+            publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()
+
+    def _lose_subscriber(self, publisher: UpdatePublisher, exc: ChannelClosed) -> None:
+        """The subscriber is gone with the updates of every request in flight: abort them all (unless a
+        new subscriber had already replaced it)."""
+        with self._cond:
+            current = self._publisher is publisher
+            if current:
+                self._publisher = None
+        publisher.close()
+        if not current:
+            return
+        lost = list(self.engine.sequences)
+        if lost:
+            log.warning("%s; aborting %d requests in flight", exc, len(lost))
+        for request_id in lost:
+            self.engine.abort(request_id)
 
     def _fail(self, updates: list[SequenceUpdate], message: str) -> None:
         log.error("%s; failing %d in-flight requests", message, len(self.engine.sequences))
@@ -138,6 +178,7 @@ class EngineLoop:
             self._outbox.extend(updates + lost)
             self._inbox.clear()
             self._cond.notify_all()
+        self._publish([])  # the subscriber hears of every request the failure ended
 
 
 def _log_crash(future: Future) -> None:

@@ -1,5 +1,5 @@
 """What the engine did since the last look: per-step batch sizes and phase times, routed tokens per
-(layer, expert). The engine loop hands a snapshot out with every drain; metrics read it."""
+(layer, expert). The engine loop sends a snapshot with every batch of updates; metrics read it."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ class EngineStats:
 
 def merge_snapshots(snapshots: list[StatsSnapshot]) -> StatsSnapshot | None:
     """One snapshot covering several: per-step lists concatenated, counters summed, gauges from the last."""
-    if not snapshots:
-        return None
+    if len(snapshots) <= 1:
+        return snapshots[0] if snapshots else None
     last = snapshots[-1]
     routed = [list(row) for row in snapshots[0].routed_tokens_LE]
     for snap in snapshots[1:]:

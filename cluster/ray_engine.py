@@ -19,12 +19,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import Coordinator, ExpertWorker, RankSettings, WorkerStartError
 from cluster.allocator import MallocSettings
 from cluster.engine_factory import num_kv_blocks
-from cluster.engine_stats import StatsSnapshot
+from cluster.engine_stats import StatsSnapshot, merge_snapshots
 from cluster.errors import WorkerUnavailable
 from cluster.placement import contiguous_placement
 from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
 from cluster.scheduler import SchedulerConfig
 from cluster.settings import EngineSettings
+from cluster.update_channel import ChannelClosed, UpdateBatch, UpdateSubscription
 from workers.config import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class RayExpertParallelEngine:
         self.worker_runs: list = []
         self.rendezvous: str | None = None
         self.restarts = 0
+        self._subscription: UpdateSubscription | None = None
         self._lifecycle = threading.RLock()
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -185,6 +187,10 @@ class RayExpertParallelEngine:
         for actor in [self.coordinator, *self.workers]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+        with self._lifecycle:
+            subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            subscription.close()
         if self.pg is not None:
             remove_placement_group(self.pg)
         self.coordinator, self.workers, self.worker_runs, self.pg = None, [], [], None
@@ -215,15 +221,56 @@ class RayExpertParallelEngine:
     def abort(self, request_id: str) -> None:
         _unwrap(self.coordinator.abort.remote(request_id))
 
+    def subscribe(self, timeout_s: float = 30.0) -> UpdateSubscription:
+        """Opens the coordinator's update channel to this process (replacing any earlier one); raises
+        WorkerUnavailable if it cannot."""
+        coordinator = self._live_coordinator()
+        subscription = UpdateSubscription(ray.util.get_node_ip_address())
+        try:
+            connected = coordinator.subscribe.remote(subscription.address)
+            deadline = time.monotonic() + timeout_s
+            while not subscription.connecting(0.05):  # the call fails first if the coordinator cannot connect
+                if ray.wait([connected], timeout=0)[0]:
+                    _unwrap(connected)
+                    raise ChannelClosed("the coordinator returned without connecting")
+                if time.monotonic() > deadline:
+                    raise ChannelClosed(f"the coordinator did not connect within {timeout_s}s")
+            subscription.accept(timeout_s)
+            _unwrap(connected)
+        except ChannelClosed as exc:
+            subscription.close()
+            raise WorkerUnavailable(f"the coordinator's update channel did not open: {exc}") from exc
+        except BaseException:
+            subscription.close()
+            raise
+        with self._lifecycle:
+            previous, self._subscription = self._subscription, subscription
+        if previous is not None:
+            previous.close()
+        return subscription
+
     def drain(self, timeout_s: float) -> list[SequenceUpdate]:
         return self.drain_with_stats(timeout_s)[0]
 
     def drain_with_stats(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
-        return _unwrap(self.coordinator.drain.remote(timeout_s))
-
-    def drain_ref(self, timeout_s: float):
-        """The ObjectRef of a drain, for asyncio callers (`await ref`)."""
-        return self._live_coordinator().drain.remote(timeout_s)
+        """Every update the coordinator has sent, and its stats over them; waits up to timeout_s for the
+        first. Subscribes on first use. One caller at a time. Raises WorkerUnavailable once the
+        coordinator is gone (the next call subscribes to its replacement)."""
+        subscription = self._subscription or self.subscribe()
+        batches: list[UpdateBatch] = []
+        try:
+            ready = subscription.poll(timeout_s)
+            while ready:
+                batches.append(subscription.recv())
+                ready = subscription.poll(0)
+        except ChannelClosed as exc:
+            with self._lifecycle:
+                if self._subscription is subscription:
+                    self._subscription = None
+            subscription.close()
+            raise WorkerUnavailable(f"the coordinator's update channel closed: {exc}") from exc
+        updates = [u for b in batches for u in b.updates]
+        return updates, merge_snapshots([b.stats for b in batches if b.stats is not None])
 
     def workers_up(self) -> list[bool]:
         """Per expert worker: still serving (its loop has not returned or died)."""

@@ -1,5 +1,6 @@
-"""The gateway's asyncio view of the engine: submit and abort over Ray, and one poller that drains the
-coordinator's updates and hands each request its own queue. Also watches health."""
+"""The gateway's asyncio view of the engine: submit and abort over Ray, and one poller that reads the
+updates the coordinator pushes over its update channel and hands each request its own queue. Also
+watches health."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class EngineClient:
 
     async def start(self) -> None:
         self.healthy = await asyncio.to_thread(self.engine.healthy)
-        self._tasks = [asyncio.create_task(self._poll(), name="drain"),
+        self._tasks = [asyncio.create_task(self._poll(), name="updates"),
                        asyncio.create_task(self._watch_health(), name="health")]
 
     async def stop(self) -> None:
@@ -81,9 +82,9 @@ class EngineClient:
     async def _poll(self) -> None:
         while True:
             try:
-                updates, stats = await _call(self.engine.drain_ref(self.poll_timeout_s))
+                updates, stats = await asyncio.to_thread(self.engine.drain_with_stats, self.poll_timeout_s)
             except Exception as exc:  # the coordinator died or is being replaced: in-flight requests are lost
-                log.warning("drain failed (%s: %s); failing %d in-flight requests", type(exc).__name__, exc,
+                log.warning("reading updates failed (%s: %s); failing %d in-flight requests", type(exc).__name__, exc,
                             len(self.streams))
                 self._fail_all(f"the engine is unavailable: {exc}")
                 await asyncio.sleep(0.5)
