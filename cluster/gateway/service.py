@@ -16,6 +16,7 @@ from cluster.gateway.handlers import Undecodable
 from cluster.gateway.metrics import GatewayMetrics
 from cluster.gateway.text_stream import TextStream
 from cluster.gateway.validation import RequestLimits, ValidatedRequest, validate_request
+from cluster.requests import SequenceUpdate
 from cluster.tokenizer import TextTokenizer
 from protos import mixserve_pb2 as pb
 from protos import mixserve_pb2_grpc as pb_grpc
@@ -37,17 +38,21 @@ class RequestTrace:
     logprobs: list[float] = field(default_factory=list)
 
     def tokens_arrived(self, count: int, metrics: GatewayMetrics) -> None:
+        """Tokens that arrive together share the gap since the previous arrival; those that come with the
+        first token (a stream that fell behind) arrived with no gap."""
+        if not count:
+            return
         now = time.monotonic()
+        gap = 0.0
         if self.first_token is None:
             self.first_token = now
             metrics.ttft.observe(now - self.arrival)
             count -= 1
-        elif count:
-            gap = (now - (self.last_token or now)) / count
-            for _ in range(count):
-                metrics.itl.observe(gap)
-        if count >= 0:
-            self.last_token = now
+        elif self.last_token is not None:
+            gap = (now - self.last_token) / count
+        for _ in range(count):
+            metrics.itl.observe(gap)
+        self.last_token = now
 
     def timings(self) -> pb.Timings:
         now = time.monotonic()
@@ -123,7 +128,7 @@ class MixServeServicer(pb_grpc.MixServeServicer):
             stream = self.client.open(validated.request_id, validated.engine_request.request_id)
             await self.client.send(validated.engine_request)
             while not finished:
-                update = await stream.updates.get()
+                update = _coalesce(await stream.updates.get(), stream.updates)
                 if update.error:
                     code, reason, engine_done = "UNAVAILABLE", "error", True
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"request lost: {update.error}")
@@ -169,23 +174,53 @@ class MixServeServicer(pb_grpc.MixServeServicer):
         if update.queue_seconds is not None:
             trace.queue_seconds = update.queue_seconds
             self.metrics.queue.observe(update.queue_seconds)
-        trace.tokens_arrived(len(update.token_ids), self.metrics)
-        trace.token_ids.extend(update.token_ids)
-        logprobs = tuple(update.logprobs) if validated.want_logprobs else ()
+        token_ids, delta, stopped = _push_until_stop(text, update.token_ids)
+        trace.tokens_arrived(len(token_ids), self.metrics)
+        trace.token_ids.extend(token_ids)
+        logprobs = tuple(update.logprobs[: len(token_ids)]) if validated.want_logprobs else ()
         trace.logprobs.extend(logprobs)
-        delta, stopped = text.push(list(update.token_ids))
         reason = update.finish_reason or ""
         if stopped:
             reason = "stop"
         if reason:
             delta += "" if stopped else text.finish()
-        return Chunk(delta, tuple(update.token_ids), logprobs, reason)
+        return Chunk(delta, token_ids, logprobs, reason)
 
     def _record_end(self, trace: RequestTrace, reason: str, code: str) -> None:
         self.metrics.observe_finished(finish_reason=reason, code=code, prompt_tokens=trace.prompt_tokens,
                                       completion_tokens=len(trace.token_ids))
         if code == "OK":
             self.metrics.e2e.observe(time.monotonic() - trace.arrival)
+
+
+def _coalesce(first: SequenceUpdate, queue: asyncio.Queue[SequenceUpdate]) -> SequenceUpdate:
+    """`first` joined with every update already queued behind it: a stream that falls behind the engine
+    sends one chunk for several steps instead of one per step."""
+    parts = [first]
+    while not queue.empty() and parts[-1].finish_reason is None:
+        parts.append(queue.get_nowait())
+    if len(parts) == 1:
+        return first
+    last = parts[-1]
+    return SequenceUpdate(
+        first.request_id, tuple(t for p in parts for t in p.token_ids), tuple(lp for p in parts for lp in p.logprobs),
+        last.finish_reason, last.error, next((p.queue_seconds for p in parts if p.queue_seconds is not None), None),
+    )
+
+
+def _push_until_stop(text: TextStream, token_ids: tuple[int, ...]) -> tuple[tuple[int, ...], str, bool]:
+    """Detokenizes the new tokens; a stop string ends them at the token that completed it.
+    Returns (the tokens kept, the text delta, stopped)."""
+    if len(token_ids) == 1:
+        delta, stopped = text.push(list(token_ids))
+        return token_ids, delta, stopped
+    deltas = []
+    for i, token_id in enumerate(token_ids):
+        delta, stopped = text.push([token_id])
+        deltas.append(delta)
+        if stopped:
+            return token_ids[: i + 1], "".join(deltas), True
+    return token_ids, "".join(deltas), False
 
 
 async def _reject_undecodable(request, context: grpc.aio.ServicerContext) -> None:
