@@ -60,17 +60,21 @@ def bind_collectives_to_node_interface() -> str | None:
     return None
 
 
-def set_threads(settings: RankSettings, ranks_on_host: int) -> int:
+def set_threads(settings: RankSettings, ranks_on_host: int, reserved_cpus: int = 0) -> int:
+    """settings.threads, or this host's cores split among its ranks; reserved_cpus fewer (at least 1) on a
+    host whose cores a gateway also needs."""
     threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, ranks_on_host))
+    threads = max(1, threads - reserved_cpus)
     torch.set_num_threads(threads)
     return threads
 
 
 class ExpertWorker:
     def __init__(
-        self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, ranks_on_host: int
+        self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, ranks_on_host: int,
+        reserved_cpus: int = 0,
     ) -> None:
-        self.threads = set_threads(settings, ranks_on_host)
+        self.threads = set_threads(settings, ranks_on_host, reserved_cpus)
         self.interface = bind_collectives_to_node_interface()
         self.name = f"expert worker {worker_index} (experts {','.join(map(str, expert_ids))})"
         self.worker_index = worker_index
@@ -87,6 +91,9 @@ class ExpertWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def torch_threads(self) -> int:
+        return self.threads
 
     def load(self) -> list[str]:
         return self.torch_thread.call(self._load)
@@ -149,9 +156,10 @@ class Coordinator:
     (`parallel` is None) it also holds every expert and runs them in-process."""
 
     def __init__(
-        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, ranks_on_host: int
+        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, ranks_on_host: int,
+        reserved_cpus: int = 0,
     ) -> None:
-        self.threads = set_threads(settings, ranks_on_host)
+        self.threads = set_threads(settings, ranks_on_host, reserved_cpus)
         self.interface = bind_collectives_to_node_interface()
         self.settings = settings
         self.parallel = parallel
@@ -166,6 +174,9 @@ class Coordinator:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def torch_threads(self) -> int:
+        return self.threads
 
     def rendezvous_address(self) -> str:
         ip = ray.util.get_node_ip_address()

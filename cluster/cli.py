@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
     srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    srv.add_argument("--reserved-cpus", type=int, default=1,
+                     help="logical CPUs the ranks on this host leave to the gateway: they run that many fewer torch "
+                          "threads (at least 1)")
     _add_serve_security_args(srv)
 
     cli = sub.add_parser("client", help="stream a completion from a running server")
@@ -138,7 +141,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
 def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
     return ClusterOptions(
         num_workers=args.workers, placement_strategy=args.placement, threads_per_rank=args.threads,
-        collective_timeout_s=args.collective_timeout,
+        collective_timeout_s=args.collective_timeout, reserved_cpus=getattr(args, "reserved_cpus", 0),
     )
 
 

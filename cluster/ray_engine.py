@@ -48,10 +48,16 @@ class ClusterOptions:
     shared_host_spin_count: int | None = 100
     # glibc malloc settings every rank process starts with (see cluster.allocator); None keeps glibc's own
     malloc: MallocSettings | None = field(default_factory=MallocSettings)
+    # Ranks on the driver's host (where `mixserve serve` runs the gateway) use this many fewer torch threads
+    # (at least 1), so the gateway's streaming does not pre-empt their OpenMP teams mid-region (vLLM's CPU
+    # backend reserves a core for its API server the same way: VLLM_CPU_NUM_OF_RESERVED_CPU).
+    reserved_cpus: int = 0
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.reserved_cpus < 0:
+            raise ValueError(f"reserved_cpus must be >= 0, got {self.reserved_cpus}")
         if self.placement_strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
 
@@ -115,12 +121,14 @@ class RayExpertParallelEngine:
             collective_timeout_s=self.options.collective_timeout_s,
         )
         shares_host = [ranks_per_node[nodes[b]] > 1 for b in range(len(nodes))]
+        driver_node = ray.get_runtime_context().get_node_id()
+        reserved = [self.options.reserved_cpus if nodes[b] == driver_node else 0 for b in range(len(nodes))]
         self.coordinator = self._actor(Coordinator, 0, max_concurrency=16, shares_host=shares_host[0]).remote(
-            rank_settings, self.parallel, self.scheduler, 1
+            rank_settings, self.parallel, self.scheduler, 1, reserved[0]
         )
         self.workers = [
             self._actor(ExpertWorker, w + 1, max_concurrency=4, shares_host=shares_host[w + 1]).remote(
-                w, self.placement.experts_of_worker(w), rank_settings, workers_per_node[nodes[w + 1]]
+                w, self.placement.experts_of_worker(w), rank_settings, workers_per_node[nodes[w + 1]], reserved[w + 1]
             )
             for w in range(self.options.num_workers)
         ]
@@ -325,6 +333,11 @@ class RayExpertParallelEngine:
         for w, actor in enumerate(self.workers):
             out[f"worker {w}"] = ray.get(actor.pid.remote())
         return out
+
+    def torch_threads(self) -> dict[str, int]:
+        """Torch intra-op threads of the coordinator and of every expert worker."""
+        ranks = {"coordinator": self.coordinator} | {f"worker {w}": a for w, a in enumerate(self.workers)}
+        return dict(zip(ranks, ray.get([a.torch_threads.remote() for a in ranks.values()]), strict=True))
 
     def worker_stats(self) -> list[dict]:
         return ray.get([w.stats.remote() for w in self.workers])

@@ -73,6 +73,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--num-prompts", type=int, default=0, help="requests per point (default: the concurrency)")
     srv.add_argument("--target", default=None, help="measure this running server (host:port) instead")
     srv.add_argument("--metrics-url", default=None, help="the --target server's /metrics URL")
+    srv.add_argument("--reserved-cpus", type=int, default=1,
+                     help="logical CPUs the mixserve ranks leave to the gateway, as `mixserve serve` does by default "
+                          "(they run --threads minus this; the transformers baseline runs --threads)")
     model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)")
     model.add_argument("--preset", choices=sorted(PRESETS), required=True)
     model.add_argument("--out", type=Path, required=True)
@@ -101,6 +104,7 @@ def engine_setup(args: argparse.Namespace, *, max_num_seqs: int) -> EngineSetup:
         max_batched_tokens=args.max_batched_tokens or max_num_seqs * args.input_len, max_num_seqs=max_num_seqs,
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=ray_worker_niceness(args),
+        reserved_cpus=getattr(args, "reserved_cpus", 0),
     )
 
 

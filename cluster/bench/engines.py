@@ -47,6 +47,7 @@ class EngineSetup:
     progress: bool = True
     timeout_s: float = 3600.0
     ray_worker_niceness: str = "Ray's default"  # recorded here; the entry point applies it before Ray starts
+    reserved_cpus: int = 0  # Ray ranks run threads_per_rank minus this (the gateway's share in serve)
 
     def __post_init__(self) -> None:
         for name in ("threads_per_rank", "max_batched_tokens", "max_num_seqs", "block_size", "warmup_tokens",

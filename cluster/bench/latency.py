@@ -40,7 +40,10 @@ class RequestTrace:
         return (self.chunk_times[-1] - self.chunk_times[0]) / (self.tokens - 1)
 
     def itl(self) -> list[float]:
-        gaps = []
+        """One gap per token after the first: a chunk's gap since the previous chunk, shared by its tokens;
+        tokens that came in the first chunk (the gateway joins the updates a slow stream has waiting) count
+        as arriving with no gap, as the gateway's own ITL histogram counts them."""
+        gaps = [0.0] * (self.chunk_tokens[0] - 1) if self.chunk_tokens else []
         for prev, now, count in zip(self.chunk_times, self.chunk_times[1:], self.chunk_tokens[1:], strict=False):
             gaps += [(now - prev) / count] * count
         return gaps

@@ -29,7 +29,8 @@ def ray_label(workers: int) -> str:
 
 def start_ray_engine(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int) -> RayExpertParallelEngine:
     settings = engine_settings(cfg, setup, workload, workers)
-    options = ClusterOptions(num_workers=workers, threads_per_rank=setup.threads_per_rank)
+    options = ClusterOptions(num_workers=workers, threads_per_rank=setup.threads_per_rank,
+                             reserved_cpus=setup.reserved_cpus)
     engine = RayExpertParallelEngine(settings, options, scheduler_config(setup))
     engine.start()
     return engine

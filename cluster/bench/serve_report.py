@@ -51,10 +51,17 @@ def worker_phases(report: ServeReport, *, markdown: bool = False) -> str:
     return render(headers, rows, markdown=markdown, text_columns=2) if rows else ""
 
 
+def _threads(settings: dict[str, str]) -> str:
+    threads, reserved = int(settings["threads_per_rank"]), int(settings.get("reserved_cpus", "0"))
+    if not reserved:
+        return f"{threads} threads per rank"
+    return f"{threads} threads (Ray ranks {max(1, threads - reserved)}: {reserved} CPU reserved for the gateway)"
+
+
 def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     m, s = report.meta, report.settings
     head = (f"mixserve bench serve · {report.model.path} · {report.input_len} in / {report.output_len} out · "
-            f"{s['dtype']} on {s['device']}, {s['threads_per_rank']} threads per rank · {s['rounds']} round(s) pooled\n"
+            f"{s['dtype']} on {s['device']}, {_threads(s)} · {s['rounds']} round(s) pooled\n"
             f"{m.date_utc} · {m.cpu} ({m.logical_cpus} logical CPUs) · load {m.load_average_start[0]:.2f} → "
             f"{m.load_average_end[0]:.2f} · commit {m.git_commit}{load_warning(m)}")
     parts = [head, f"reference: {report.reference_label}", headline(report, markdown=markdown)]

@@ -34,6 +34,8 @@ def test_trace_latencies_split_multi_token_chunks():
     assert trace.ttft == 1.0 and trace.e2e == 4.5 and trace.tokens == 4
     assert trace.itl() == [1.0, 1.0, 1.0]
     assert trace.tpot == pytest.approx(3.0 / 3)
+    joined_first = RequestTrace(sent=0.0, chunk_times=(1.0, 3.0), chunk_tokens=(3, 1), done=3.0, finish_reason="length")
+    assert joined_first.itl() == [0.0, 0.0, 2.0], "tokens that came with the first one arrived with no gap"
     summary = summarize([trace, RequestTrace(0.0, (), (), 1.0, "", error="UNAVAILABLE: gone")])
     assert summary.ttft.count == 1 and summary.e2e.p50 == 4.5
     stats = LatencyStats.of([1.0, 2.0, 3.0, 4.0])

@@ -188,3 +188,22 @@ def _assert_no_mixserve_actors(ray, timeout_s: float = 20.0) -> None:
             break
         time.sleep(0.5)
     assert not alive, f"actors left behind: {alive}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("threads_per_rank", "reserved"), [(3, 1), (None, 1), (None, 0)])
+def test_ranks_on_the_drivers_host_leave_reserved_cpus_to_it(ray_cluster, tiny8, threads_per_rank, reserved):
+    """`mixserve serve` reserves a CPU for its gateway: every rank on the driver's host runs that many fewer
+    torch threads than it would otherwise (at least one), with explicit and automatic thread counts."""
+    engine = RayExpertParallelEngine(
+        _settings(tiny8), ClusterOptions(num_workers=1, threads_per_rank=threads_per_rank, reserved_cpus=reserved)
+    )
+    engine.start()
+    try:
+        base = threads_per_rank or psutil.cpu_count()
+        expected = max(1, base - reserved)
+        assert engine.torch_threads() == {"coordinator": expected, "worker 0": expected}
+        (result,) = engine.generate(_requests([[3, 4, 5]], n=4))
+        assert len(result.token_ids) == 4
+    finally:
+        engine.shutdown()
