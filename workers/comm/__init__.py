@@ -4,7 +4,7 @@ from workers.comm.dispatch import AllToAllDispatcher, combine, dispatch, exchang
 from workers.comm.errors import CollectiveError, DispatchError, GroupConfigError
 from workers.comm.group import ProcessGroupHandle, create_group, free_port
 from workers.comm.local import LocalDispatcher, local_combine, local_dispatch
-from workers.comm.plan import DispatchPlan, TokenDispatcher, group_by_local_expert, unpermute
+from workers.comm.plan import DispatchPlan, TokenDispatcher, counts_if_grouped, group_by_local_expert, unpermute
 from workers.comm.single_source import dispatch_from_source, dispatch_step, fixed_capacity_rows
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ProcessGroupHandle",
     "TokenDispatcher",
     "combine",
+    "counts_if_grouped",
     "create_group",
     "dispatch",
     "dispatch_from_source",

@@ -120,6 +120,26 @@ def group_by_local_expert(
     return permutation_M, counts_e
 
 
+def counts_if_grouped(plan: DispatchPlan, *, num_local_experts: int) -> list[int] | None:
+    """Rows per local expert when the received rows are already grouped by local expert, else None.
+
+    Rows arrive by source rank, then by local expert; when only one rank sent rows (in this engine only
+    the attention rank sends), they are grouped already and need no `group_by_local_expert` gather (nor
+    its `unpermute` afterwards): for a W2 prefill layer that is two [8192, 1024] copies."""
+    sources = [r for r, count in enumerate(plan.output_splits) if count]
+    if len(sources) > 1:
+        return None
+    if not sources:
+        return [0] * num_local_experts
+    counts = plan.recv_counts_RE[sources[0]].tolist()
+    if any(counts[num_local_experts:]):
+        raise DispatchError(
+            f"received rows for local experts {[e for e, c in enumerate(counts) if c and e >= num_local_experts]} "
+            f"but this rank holds {num_local_experts} experts"
+        )
+    return counts[:num_local_experts]
+
+
 def unpermute(sorted_ND: torch.Tensor, permutation_N: torch.Tensor) -> torch.Tensor:
     """Inverse of `x_ND[permutation_N]`: puts row i of `sorted_ND` back at position permutation_N[i]."""
     out_ND = torch.empty_like(sorted_ND)

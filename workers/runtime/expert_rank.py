@@ -1,5 +1,6 @@
 """The expert rank's SPMD loop: wait for a step header, then for each layer receive rows, run the local
-experts (one matmul pair per expert over all its rows), and send the rows back.
+experts (one matmul pair per expert over all its rows, which arrive grouped by expert: only the attention
+rank sends), and send the rows back.
 
 Driven entirely by the collectives of the attention rank; knows nothing of requests or tokens. Rows
 arrive the way the attention rank sent them: with their counts in one collective for small steps (and
@@ -13,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm import combine, dispatch_step, fixed_capacity_rows, group_by_local_expert, unpermute
+from workers.comm import combine, counts_if_grouped, dispatch_step, fixed_capacity_rows
+from workers.comm.errors import DispatchError
 from workers.model.experts import run_grouped_experts
 from workers.model.weights import ExpertShard
 from workers.runtime.step_header import Command, broadcast_header
@@ -58,14 +60,16 @@ class ExpertRank:
         nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
         no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
         with self.timings.phase("dispatch"):
-            recv_x_MD, recv_local_M, plan = dispatch_step(
+            recv_x_MD, _, plan = dispatch_step(
                 nothing_ND, no_ids_N, no_ids_N, group=self.group, num_local_experts_max=self.max_local_experts,
                 capacity=capacity, receivers=self.receivers,
             )
         with self.timings.phase("experts"):
-            order_M, counts_e = group_by_local_expert(recv_local_M, num_local_experts=len(self.shard.expert_ids))
-            self.rows_per_local_expert[layer] += counts_e.cpu()
-            y_grouped_MD = run_grouped_experts(recv_x_MD[order_M], counts_e.tolist(), self.shard.layers[layer])
-            y_MD = unpermute(y_grouped_MD, order_M)
+            num_local = len(self.shard.expert_ids)
+            counts_e = counts_if_grouped(plan, num_local_experts=num_local)
+            if counts_e is None:
+                raise DispatchError(f"rows came from ranks {plan.output_splits}; only the attention rank sends")
+            self.rows_per_local_expert[layer] += torch.tensor(counts_e)
+            y_MD = run_grouped_experts(recv_x_MD, counts_e, self.shard.layers[layer])  # rows grouped on arrival
         with self.timings.phase("combine"):
             combine(y_MD, plan, group=self.group)
