@@ -21,6 +21,7 @@ from cluster.engine_loop import EngineLoop
 from cluster.errors import WorkerUnavailable
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
+from cluster.settings import threads_after_reserve
 from cluster.torch_thread import TorchThread
 from cluster.update_channel import ChannelAddress
 from workers.comm import ProcessGroupHandle, create_group, free_port
@@ -64,7 +65,7 @@ def set_threads(settings: RankSettings, ranks_on_host: int, reserved_cpus: int =
     """settings.threads, or this host's cores split among its ranks; reserved_cpus fewer (at least 1) on a
     host whose cores a gateway also needs."""
     threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, ranks_on_host))
-    threads = max(1, threads - reserved_cpus)
+    threads = threads_after_reserve(threads, reserved_cpus)
     torch.set_num_threads(threads)
     return threads
 

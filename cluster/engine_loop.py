@@ -177,7 +177,6 @@ class EngineLoop:
             lost += [SequenceUpdate(r.request_id, (), (), "error", message) for r in self._inbox]
             self._outbox.extend(updates + lost)
             self._inbox.clear()
-            self._cond.notify_all()
         self._publish([])  # the subscriber hears of every request the failure ended
 
 

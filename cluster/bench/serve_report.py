@@ -7,6 +7,7 @@ from cluster.bench.latency import LatencyStats
 from cluster.bench.meta import load_warning
 from cluster.bench.serve_types import ServeReport
 from cluster.bench.table import fmt, load, ratio, render
+from cluster.settings import threads_after_reserve
 from workers.runtime.timing import PHASES
 
 
@@ -55,7 +56,8 @@ def _threads(settings: dict[str, str]) -> str:
     threads, reserved = int(settings["threads_per_rank"]), int(settings.get("reserved_cpus", "0"))
     if not reserved:
         return f"{threads} threads per rank"
-    return f"{threads} threads (Ray ranks {max(1, threads - reserved)}: {reserved} CPU reserved for the gateway)"
+    ranks = threads_after_reserve(threads, reserved)
+    return f"{threads} threads (Ray ranks {ranks}: {reserved} CPU reserved for the gateway)"
 
 
 def format_serve(report: ServeReport, *, markdown: bool = False) -> str:

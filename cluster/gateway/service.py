@@ -211,9 +211,6 @@ def _coalesce(first: SequenceUpdate, queue: asyncio.Queue[SequenceUpdate]) -> Se
 def _push_until_stop(text: TextStream, token_ids: tuple[int, ...]) -> tuple[tuple[int, ...], str, bool]:
     """Detokenizes the new tokens; a stop string ends them at the token that completed it.
     Returns (the tokens kept, the text delta, stopped)."""
-    if len(token_ids) == 1:
-        delta, stopped = text.push(list(token_ids))
-        return token_ids, delta, stopped
     deltas = []
     for i, token_id in enumerate(token_ids):
         delta, stopped = text.push([token_id])
