@@ -46,6 +46,7 @@ class RankSettings:
     threads: int | None  # None: this host's cores divided by the ranks placed on it
     backend: str
     collective_timeout_s: float
+    compile_small_steps: bool = False  # the coordinator's, when it holds every expert (EngineSettings)
 
 
 def bind_collectives_to_node_interface() -> str | None:
@@ -179,6 +180,11 @@ class Coordinator:
     def torch_threads(self) -> int:
         return self.threads
 
+    def compiled_step_tokens(self) -> int:
+        """The largest step (tokens) that runs compiled layers; 0 when every step runs eagerly."""
+        fused = self._started_loop().engine.rank.fused
+        return fused.max_tokens if fused is not None else 0
+
     def rendezvous_address(self) -> str:
         ip = ray.util.get_node_ip_address()
         return f"tcp://{ip}:{free_port(ip)}"
@@ -226,7 +232,8 @@ class Coordinator:
                 raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
             self.experts = DistributedExperts(self.parallel, group=self.group.group, device=self.group.device)
             keepalive = self.experts.keepalive
-        rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size)
+        rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size,
+                                       compile_small_steps=self.settings.compile_small_steps)
         self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
 

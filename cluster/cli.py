@@ -40,6 +40,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement", default="PACK", help="placement group strategy: PACK, SPREAD, STRICT_*")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--collective-timeout", type=float, default=20.0, help="seconds before a collective fails")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the layers of small (decode) steps when the experts are in-process "
+                             "(--workers 0); compiles at start")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +128,7 @@ def _settings(args: argparse.Namespace) -> EngineSettings:
     device = resolve_device(args.device)
     return EngineSettings(
         model_dir=args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-        kv_cache_bytes=args.kv_cache_mib * 2**20, num_workers=args.workers,
+        kv_cache_bytes=args.kv_cache_mib * 2**20, num_workers=args.workers, compile_small_steps=args.compile,
     )
 
 

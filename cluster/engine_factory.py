@@ -24,5 +24,6 @@ def build_local_engine(settings: EngineSettings, scheduler: SchedulerConfig | No
     rank = build_attention_rank(
         settings.model_dir, dtype=settings.dtype, device=settings.device,
         num_blocks=num_kv_blocks(settings, cfg), block_size=settings.block_size,
+        compile_small_steps=settings.compile_small_steps,
     )
     return LLMEngine(rank, scheduler)

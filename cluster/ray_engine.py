@@ -119,6 +119,7 @@ class RayExpertParallelEngine:
             model_dir=self.settings.model_dir, dtype=self.settings.dtype, device=self.settings.device.type,
             threads=self.options.threads_per_rank, backend="nccl" if self.settings.device.type == "cuda" else "gloo",
             collective_timeout_s=self.options.collective_timeout_s,
+            compile_small_steps=self.settings.compile_small_steps,
         )
         shares_host = [ranks_per_node[nodes[b]] > 1 for b in range(len(nodes))]
         driver_node = ray.get_runtime_context().get_node_id()
@@ -338,6 +339,10 @@ class RayExpertParallelEngine:
         """Torch intra-op threads of the coordinator and of every expert worker."""
         ranks = {"coordinator": self.coordinator} | {f"worker {w}": a for w, a in enumerate(self.workers)}
         return dict(zip(ranks, ray.get([a.torch_threads.remote() for a in ranks.values()]), strict=True))
+
+    def compiled_step_tokens(self) -> int:
+        """The coordinator's largest compiled step in tokens (0: none; see EngineSettings.compile_small_steps)."""
+        return ray.get(self.coordinator.compiled_step_tokens.remote())
 
     def worker_stats(self) -> list[dict]:
         return ray.get([w.stats.remote() for w in self.workers])

@@ -19,6 +19,11 @@ async def _serve(engine: RayExpertParallelEngine, options: GatewayOptions) -> No
     gateway = Gateway(engine, options)
     await gateway.start()
     gateway.install_signal_handlers()
+    if engine.settings.compile_small_steps:
+        compiled = engine.compiled_step_tokens()
+        print(f"mixserve: steps of up to {compiled} tokens run compiled layers" if compiled else
+              "mixserve: --compile has no effect here (it needs in-process experts small enough to gather)",
+              flush=True)
     print(f"mixserve: serving {engine.settings.model_dir} on {options.host}:{gateway.port} "
           f"(metrics http://{options.metrics_host}:{gateway.metrics_port}/metrics, "
           f"{engine.options.num_workers} expert workers)", flush=True)

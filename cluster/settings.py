@@ -41,6 +41,9 @@ class EngineSettings:
     kv_cache_bytes: int = 256 * 2**20
     block_size: int = 16
     num_workers: int = 0
+    # torch.compile the layers of small steps (decode) where every expert is in-process: see
+    # workers.model.fused_decode. Costs a compile at start (tens of seconds on a CPU).
+    compile_small_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes <= 0:

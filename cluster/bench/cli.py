@@ -42,6 +42,9 @@ def _common(p: argparse.ArgumentParser, *, output_len: int, input_len: int) -> N
     p.add_argument("--max-batched-tokens", type=int, default=0,
                    help="tokens per engine step (default: every running prompt in one step, like generate)")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size")
+    p.add_argument("--compile", action="store_true",
+                   help="mixserve engines with in-process experts torch.compile their small (decode) steps, as "
+                        "`mixserve serve --compile` does; compiled at each engine's start, before its warm-up")
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens per request in each engine's warm-up")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every engine this many times, interleaved (a shared machine's load then hits all "
@@ -104,7 +107,7 @@ def engine_setup(args: argparse.Namespace, *, max_num_seqs: int) -> EngineSetup:
         max_batched_tokens=args.max_batched_tokens or max_num_seqs * args.input_len, max_num_seqs=max_num_seqs,
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=ray_worker_niceness(args),
-        reserved_cpus=getattr(args, "reserved_cpus", 0),
+        reserved_cpus=getattr(args, "reserved_cpus", 0), compile_small_steps=args.compile,
     )
 
 

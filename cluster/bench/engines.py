@@ -48,6 +48,7 @@ class EngineSetup:
     timeout_s: float = 3600.0
     ray_worker_niceness: str = "Ray's default"  # recorded here; the entry point applies it before Ray starts
     reserved_cpus: int = 0  # Ray ranks run threads_per_rank minus this (the gateway's share in serve)
+    compile_small_steps: bool = False  # EngineSettings.compile_small_steps for every mixserve engine
 
     def __post_init__(self) -> None:
         for name in ("threads_per_rank", "max_batched_tokens", "max_num_seqs", "block_size", "warmup_tokens",
@@ -68,7 +69,7 @@ def kv_cache_bytes(cfg: ModelConfig, setup: EngineSetup, workload: Workload) -> 
 def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int = 0) -> EngineSettings:
     return EngineSettings(model_dir=setup.model_dir, device=setup.device, dtype=setup.dtype,
                           kv_cache_bytes=kv_cache_bytes(cfg, setup, workload), block_size=setup.block_size,
-                          num_workers=workers)
+                          num_workers=workers, compile_small_steps=setup.compile_small_steps)
 
 
 def scheduler_config(setup: EngineSetup) -> SchedulerConfig:

@@ -106,3 +106,8 @@ def run_meta(start: RunStart) -> RunMeta:
         python=platform.python_version(), versions=_versions(), git_commit=start.git_commit,
         git_commit_end=git_commit(), load_average_start=start.load_average, load_average_end=load_average(),
     )
+
+
+def compiled_note(settings: dict[str, str]) -> str:
+    """Marks runs whose in-process experts ran compiled small steps (`--compile`)."""
+    return ", small steps compiled" if settings.get("compile_small_steps") == "on" else ""

@@ -62,7 +62,8 @@ def settings_summary(setup: EngineSetup) -> dict[str, str]:
             "threads_per_rank": str(setup.threads_per_rank), "max_batched_tokens": str(setup.max_batched_tokens),
             "max_num_seqs": str(setup.max_num_seqs), "block_size": str(setup.block_size),
             "warmup_tokens": str(setup.warmup_tokens), "rounds": str(setup.rounds),
-            "ray_worker_niceness": setup.ray_worker_niceness, "reserved_cpus": str(setup.reserved_cpus)}
+            "ray_worker_niceness": setup.ray_worker_niceness, "reserved_cpus": str(setup.reserved_cpus),
+            "compile_small_steps": "on" if setup.compile_small_steps else "off"}
 
 
 def matmul_rate(setup: EngineSetup) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.bench.meta import load_warning
+from cluster.bench.meta import compiled_note, load_warning
 from cluster.bench.offline import OfflineReport
 from cluster.bench.table import fmt, load, percent, ratio, render
 from workers.runtime.timing import PHASES
@@ -48,7 +48,7 @@ def summary(report: OfflineReport) -> str:
     s = report.settings
     return (
         f"mixserve bench offline · {report.model.path} · {w.num_prompts} prompts × {w.input_len} in / "
-        f"{w.output_len} out · {s['dtype']} on {s['device']}, {s['threads_per_rank']} threads · "
+        f"{w.output_len} out · {s['dtype']} on {s['device']}, {s['threads_per_rank']} threads{compiled_note(s)} · "
         f"{s['rounds']} round(s), median reported\n"
         f"{m.date_utc} · {m.cpu} ({m.logical_cpus} logical CPUs) · load {m.load_average_start[0]:.2f} → "
         f"{m.load_average_end[0]:.2f} · commit {m.git_commit}{load_warning(m)}\n"

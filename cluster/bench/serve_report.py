@@ -4,7 +4,7 @@ then the server-side phase breakdown scraped from /metrics."""
 from __future__ import annotations
 
 from cluster.bench.latency import LatencyStats
-from cluster.bench.meta import load_warning
+from cluster.bench.meta import compiled_note, load_warning
 from cluster.bench.serve_types import ServeReport
 from cluster.bench.table import fmt, load, ratio, render
 from cluster.settings import threads_after_reserve
@@ -63,7 +63,7 @@ def _threads(settings: dict[str, str]) -> str:
 def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     m, s = report.meta, report.settings
     head = (f"mixserve bench serve · {report.model.path} · {report.input_len} in / {report.output_len} out · "
-            f"{s['dtype']} on {s['device']}, {_threads(s)} · {s['rounds']} round(s) pooled\n"
+            f"{s['dtype']} on {s['device']}, {_threads(s)}{compiled_note(s)} · {s['rounds']} round(s) pooled\n"
             f"{m.date_utc} · {m.cpu} ({m.logical_cpus} logical CPUs) · load {m.load_average_start[0]:.2f} → "
             f"{m.load_average_end[0]:.2f} · commit {m.git_commit}{load_warning(m)}")
     parts = [head, f"reference: {report.reference_label}", headline(report, markdown=markdown)]

@@ -70,6 +70,20 @@ def test_greedy_tokens_equal_in_process_and_transformers(ray_cluster, tiny8, pro
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_compiled_small_steps_keep_the_tokens(ray_cluster, tiny8, prompts_and_reference, workers):
+    """compile_small_steps: the coordinator with every expert compiles its small steps, one with expert
+    workers keeps them eager; the greedy tokens stay those of the eager in-process engine."""
+    prompts, expected = prompts_and_reference
+    settings = EngineSettings(model_dir=tiny8, device=CPU, dtype=torch.float32, kv_cache_bytes=8 * 2**20,
+                              compile_small_steps=True)
+    with RayExpertParallelEngine(settings, ClusterOptions(num_workers=workers, threads_per_rank=1)) as engine:
+        assert [r.token_ids for r in engine.generate(_requests(prompts))] == expected
+        compiled = engine.compiled_step_tokens()
+    assert (compiled >= 32) if workers == 0 else (compiled == 0)
+
+
+@pytest.mark.timeout(300)
 def test_each_worker_holds_only_its_experts(ray_cluster, tiny8):
     from workers.config import ModelConfig
 

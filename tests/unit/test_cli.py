@@ -38,6 +38,10 @@ def test_generate_json_with_token_ids_matches_engine(tiny8, tmp_path):
     )
     assert out["token_ids"] == expected.token_ids and len(out["token_ids"]) == 6
     assert out["text"] is None
+    compiled = _mixserve("generate", "--model", str(model), "--token-ids", "5,9,200,3", "--max-new-tokens", "6",
+                         "--temperature", "0", "--ignore-eos", "--json", "--threads", "1", "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["token_ids"] == expected.token_ids
 
 
 def test_generate_reports_bad_input_clearly(tiny8):

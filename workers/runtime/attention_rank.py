@@ -11,11 +11,12 @@ from typing import Protocol
 
 import torch
 
-from workers.model.attention import SequenceChunk, build_attention_metadata
+from workers.model.attention import AttentionMetadata, SequenceChunk, build_attention_metadata
 from workers.model.experts import local_moe
 from workers.model.kv_cache import KVCachePool
 from workers.model.transformer import DenseModel
 from workers.model.weights import ExpertShard
+from workers.runtime.fused_layers import FusedLayers
 from workers.runtime.timing import StepTimings
 
 
@@ -48,10 +49,14 @@ class LocalExperts:
 
 
 class AttentionRank:
-    def __init__(self, model: DenseModel, pool: KVCachePool, experts: MoEBackend) -> None:
+    def __init__(
+        self, model: DenseModel, pool: KVCachePool, experts: MoEBackend, fused: FusedLayers | None = None
+    ) -> None:
+        """fused: compiled layers for small steps (in-process experts only); other steps run eagerly."""
         self.model = model
         self.pool = pool
         self.experts = experts
+        self.fused = fused
         cfg = model.cfg
         # rows routed to each (layer, expert); whoever owns the counter may replace it
         self.routed_tokens_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.int64)
@@ -67,6 +72,9 @@ class AttentionRank:
             meta = build_attention_metadata(self.pool, chunks)
             rope = self.model.rope_tables(meta.positions_T)
             h_TD = self.model.embed(token_ids_T.to(self.model.device))
+        fused = self.fused if self.fused is not None and self.fused.covers(token_ids_T.shape[0]) else None
+        if fused is not None:
+            return self._fused_forward(fused, h_TD, meta, rope, chunks, timings)
         self.experts.begin_step(token_ids_T.shape[0])
         for layer in range(self.model.cfg.num_hidden_layers):
             with timings.phase("attention"):
@@ -77,9 +85,38 @@ class AttentionRank:
                 num_experts = self.model.cfg.num_local_experts
                 self.routed_tokens_LE[layer] += torch.bincount(ids_TK.reshape(-1).cpu(), minlength=num_experts)
             h_TD = h_TD + self.experts.moe(layer, x_TD, weights_TK, ids_TK, timings)
-        for chunk in chunks:
-            chunk.blocks.num_cached = chunk.start + chunk.num_new
+        _mark_cached(chunks)
+        return h_TD
+
+    def _fused_forward(
+        self,
+        fused: FusedLayers,
+        h_TD: torch.Tensor,
+        meta: AttentionMetadata,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        chunks: list[SequenceChunk],
+        timings: StepTimings,
+    ) -> torch.Tensor:
+        """Each layer as pre segment + attention (timed as attention), then the post segment: o_proj,
+        routing, experts and both residuals (timed as experts)."""
+        ids_per_layer = []
+        for layer in range(self.model.cfg.num_hidden_layers):
+            with timings.phase("attention"):
+                kv = (self.pool.k_LBSHd[layer], self.pool.v_LBSHd[layer])
+                attn_THd = fused.attention(layer, h_TD, meta, rope, kv)
+            with timings.phase("experts"):
+                h_TD, ids_TK = fused.rest_of_layer(layer, h_TD, attn_THd)
+            ids_per_layer.append(ids_TK)
+        with timings.phase("routing"):
+            ids_LN = torch.stack(ids_per_layer).flatten(1).cpu()  # [L, T*K]
+            self.routed_tokens_LE.scatter_add_(1, ids_LN, torch.ones_like(ids_LN))
+        _mark_cached(chunks)
         return h_TD
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         return self.model.logits(h_TD)
+
+
+def _mark_cached(chunks: list[SequenceChunk]) -> None:
+    for chunk in chunks:
+        chunk.blocks.num_cached = chunk.start + chunk.num_new

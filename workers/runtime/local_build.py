@@ -8,10 +8,13 @@ import torch
 
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointReader
+from workers.model.experts import LayerExperts
+from workers.model.fused_decode import FusedSegments, compile_segments
 from workers.model.kv_cache import KVCachePool, KVCacheSpec
 from workers.model.transformer import DenseModel
 from workers.model.weights import DenseWeights, load_dense_weights, load_expert_shard
 from workers.runtime.attention_rank import AttentionRank, LocalExperts, MoEBackend
+from workers.runtime.fused_layers import FusedLayers
 
 
 def kv_cache_spec(
@@ -32,21 +35,47 @@ def build_attention_rank(
     num_blocks: int,
     block_size: int,
     experts: MoEBackend | None = None,
+    compile_small_steps: bool = False,
 ) -> AttentionRank:
-    """experts=None loads every expert in this process (expert-parallel degree 1)."""
+    """experts=None loads every expert in this process (expert-parallel degree 1); compile_small_steps:
+    see `fused_layers_for`."""
     cfg = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
     dense = load_dense_weights(reader, cfg, dtype=dtype, device=device)
     if experts is None:
         all_experts = tuple(range(cfg.num_local_experts))
         experts = LocalExperts(load_expert_shard(reader, cfg, all_experts, dtype=dtype, device=device))
-    return assemble_attention_rank(cfg, dense, experts, num_blocks=num_blocks, block_size=block_size)
+    return assemble_attention_rank(
+        cfg, dense, experts, num_blocks=num_blocks, block_size=block_size, compile_small_steps=compile_small_steps
+    )
 
 
 def assemble_attention_rank(
-    cfg: ModelConfig, dense: DenseWeights, experts: MoEBackend, *, num_blocks: int, block_size: int
+    cfg: ModelConfig,
+    dense: DenseWeights,
+    experts: MoEBackend,
+    *,
+    num_blocks: int,
+    block_size: int,
+    compile_small_steps: bool = False,
 ) -> AttentionRank:
     spec = kv_cache_spec(
         cfg, num_blocks=num_blocks, block_size=block_size, dtype=dense.embed_VD.dtype, device=dense.embed_VD.device
     )
-    return AttentionRank(DenseModel(cfg, dense), KVCachePool(spec), experts)
+    model = DenseModel(cfg, dense)
+    fused = fused_layers_for(model, experts, compile_segments()) if compile_small_steps else None
+    if fused is not None:
+        fused.warm_up()
+    return AttentionRank(model, KVCachePool(spec), experts, fused)
+
+
+def fused_layers_for(model: DenseModel, experts: MoEBackend, segments: FusedSegments) -> FusedLayers | None:
+    """Compiled layers for small steps where they apply: every expert in this process, stacked (not packed:
+    experts that big are read from memory at full rate already), and at least one token's rows under the
+    fused-bytes limit. None where they do not apply; those engines run every step eagerly."""
+    if not isinstance(experts, LocalExperts):
+        return None
+    if not all(isinstance(layer, LayerExperts) for layer in experts.shard.layers):
+        return None
+    fused = FusedLayers(model, experts.shard, segments)
+    return fused if fused.max_tokens > 0 else None
