@@ -85,7 +85,9 @@ class FusedLayers:
         head_dim = shape.head_dim
         for num_tokens in (1, 2, min(3, self.max_tokens)):
             h_TD = torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
-            rope_TDh = torch.ones(num_tokens, head_dim, dtype=self.dtype, device=self.device)
-            self.segments.pre(h_TD, w.input_norm_D, w.qkv_QD, rope_TDh, rope_TDh, shape)
+            # distinct cos and sin, as in a step: one tensor for both would compile a graph guarded on the alias
+            cos_TDh = torch.ones(num_tokens, head_dim, dtype=self.dtype, device=self.device)
+            sin_TDh = torch.zeros(num_tokens, head_dim, dtype=self.dtype, device=self.device)
+            self.segments.pre(h_TD, w.input_norm_D, w.qkv_QD, cos_TDh, sin_TDh, shape)
             attn_THd = torch.zeros(num_tokens, shape.num_heads * head_dim, dtype=self.dtype, device=self.device)
             self.segments.post(h_TD, attn_THd, w.o_DHd, w.post_norm_D, w.gate_ED, w.w13_E2FD, w.w2_EDF, shape)
