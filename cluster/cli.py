@@ -25,6 +25,7 @@ from cluster.settings import DEFAULT_MODEL_DIR, EngineSettings, resolve_device, 
 from cluster.tokenizer import TextTokenizer, require_tokenizer
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointError
+from workers.model.fused_decode import CompileFailed
 from workers.model.sampler import SamplingParams
 
 API_KEY_ENV = "MIXSERVE_API_KEY"  # read by `mixserve client` only, when --api-key-file is not given
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": run_generate, "serve": run_serve, "client": run_client,
                 "bench": run_bench}[args.command](args)
-    except (MixServeError, CheckpointError, ValueError) as exc:
+    except (MixServeError, CheckpointError, CompileFailed, ValueError) as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,8 +18,8 @@ from workers.runtime.local_build import build_attention_rank
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _mixserve(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+def _mixserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT)} | (env or {})
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
 
@@ -42,6 +42,14 @@ def test_generate_json_with_token_ids_matches_engine(tiny8, tmp_path):
                          "--temperature", "0", "--ignore-eos", "--json", "--threads", "1", "--compile")
     assert compiled.returncode == 0, compiled.stderr
     assert json.loads(compiled.stdout)["token_ids"] == expected.token_ids
+
+
+def test_compile_without_a_cxx_compiler_says_so(tiny8, tmp_path):
+    env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = _mixserve("generate", "--model", str(tiny8), "--token-ids", "5,9", "--max-new-tokens", "2", "--compile",
+                     "--json", "--threads", "1", env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("mixserve: error: compile_small_steps"), proc.stderr
+    assert "compile_small_steps: torch.compile failed" in proc.stderr and "C++ compiler" in proc.stderr
 
 
 def test_generate_reports_bad_input_clearly(tiny8):

@@ -35,6 +35,10 @@ from workers.model.router import route
 FUSED_EXPERT_BYTES_LIMIT = 64 * 2**20
 
 
+class CompileFailed(RuntimeError):
+    """torch.compile could not build the segments (on CPU it needs a C++ compiler, e.g. g++)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerShape:
     num_heads: int

@@ -9,7 +9,7 @@ import torch
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointReader
 from workers.model.experts import LayerExperts
-from workers.model.fused_decode import FusedSegments, compile_segments
+from workers.model.fused_decode import CompileFailed, FusedSegments, compile_segments
 from workers.model.kv_cache import KVCachePool, KVCacheSpec
 from workers.model.transformer import DenseModel
 from workers.model.weights import DenseWeights, load_dense_weights, load_expert_shard
@@ -65,7 +65,12 @@ def assemble_attention_rank(
     model = DenseModel(cfg, dense)
     fused = fused_layers_for(model, experts, compile_segments()) if compile_small_steps else None
     if fused is not None:
-        fused.warm_up()
+        try:
+            fused.warm_up()
+        except Exception as exc:  # inductor's errors are many types; all mean the same to the caller
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompileFailed(f"compile_small_steps: torch.compile failed ({first_line}); on a CPU it needs a "
+                                "C++ compiler (g++), or run without --compile") from exc
     return AttentionRank(model, KVCachePool(spec), experts, fused)
 
 
