@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.actors import WorkerStartError
 from cluster.allocator import MallocSettings
 from cluster.bench.cli import add_bench_parser, run_bench
 from cluster.engine_factory import build_local_engine
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": run_generate, "serve": run_serve, "client": run_client,
                 "bench": run_bench}[args.command](args)
-    except (MixServeError, CheckpointError, CompileFailed, ValueError) as exc:
+    except (MixServeError, CheckpointError, CompileFailed, WorkerStartError, ValueError) as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return 2
 
