@@ -11,6 +11,7 @@ from cluster.engine import LLMEngine
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
 from tests.tiny_models import TINY_VARIANTS
+from workers.model import fused_decode
 from workers.model.experts import prepare_layer_experts
 from workers.model.fused_decode import FusedSegments, eager_segments, post_attention, pre_attention
 from workers.model.weights import ExpertShard
@@ -106,8 +107,9 @@ def test_the_segments_alone_match_on_one_token(tiny8):
         torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-5)
 
 
-def test_no_fused_layers_where_they_do_not_apply(tiny8):
-    """Packed experts (big enough to stream at full rate) and remote experts keep every step eager."""
+def test_no_fused_layers_where_they_do_not_apply(tiny8, monkeypatch):
+    """Packed experts (big enough to stream at full rate), remote experts, and experts too big to gather
+    even for one token (stacked, as on CUDA) keep every step eager."""
     rank = _rank(tiny8)
     stacked = rank.experts.shard
     packed = ExpertShard(
@@ -123,4 +125,7 @@ def test_no_fused_layers_where_they_do_not_apply(tiny8):
             raise AssertionError("not called")
 
     assert fused_layers_for(rank.model, RemoteExperts(), eager_segments()) is None
+    assert fused_layers_for(rank.model, rank.experts, eager_segments()) is not None
+    monkeypatch.setattr(fused_decode, "FUSED_EXPERT_BYTES_LIMIT", 1000)  # below one token's K experts
+    assert fused_layers_for(rank.model, rank.experts, eager_segments()) is None
     assert _rank(tiny8, compile_small_steps=False).fused is None

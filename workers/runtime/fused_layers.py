@@ -49,7 +49,7 @@ class FusedLayers:
         )
         top_k = cfg.num_experts_per_tok
         tokens = 1 if worth_fusing(shard.layers[0], top_k) else 0
-        while worth_fusing(shard.layers[0], 2 * tokens * top_k):
+        while tokens and worth_fusing(shard.layers[0], 2 * tokens * top_k):
             tokens *= 2
         self.max_tokens = tokens  # the largest power of two whose rows stay under the fused-bytes limit (or 0)
         self.hidden_size = cfg.hidden_size
