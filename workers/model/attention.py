@@ -164,8 +164,24 @@ def project_qkv(
     sin_TDh: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused matmul for q, k, v; RoPE on q and k together (one pass over their H + Hkv heads)."""
-    num_tokens = x_TD.shape[0]
-    qkv_THDh = qkv_proj(x_TD).view(num_tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 Hkv, Dh]
+    return split_qkv_with_rope(
+        qkv_proj(x_TD), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, cos_TDh=cos_TDh,
+        sin_TDh=sin_TDh,
+    )
+
+
+def split_qkv_with_rope(
+    qkv_TQ: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    cos_TDh: torch.Tensor,
+    sin_TDh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [T, H, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh]) of the fused qkv projection's output, RoPE on q and k."""
+    num_tokens = qkv_TQ.shape[0]
+    qkv_THDh = qkv_TQ.view(num_tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 Hkv, Dh]
     qk_THDh = apply_rope(qkv_THDh[:, : num_heads + num_kv_heads], cos_TDh, sin_TDh)  # [T, H + Hkv, Dh]
     q_THDh, k_THkvDh = qk_THDh.split([num_heads, num_kv_heads], dim=1)
     return q_THDh, k_THkvDh, qkv_THDh[:, num_heads + num_kv_heads :]

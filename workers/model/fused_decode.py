@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.model.experts import LayerExperts
+from workers.model.attention import split_qkv_with_rope
+from workers.model.experts import LayerExperts, weight_and_sum
 from workers.model.norm import rms_norm
-from workers.model.rope import apply_rope
 from workers.model.router import route
 
 # A fused step's expert weights read per layer (bytes): R rows x one expert each. Past this the grouped
@@ -57,11 +57,11 @@ def pre_attention(
     shape: LayerShape,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q [T, H, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh]) of norm(h), RoPE applied."""
-    heads, kv_heads = shape.num_heads, shape.num_kv_heads
     x_TD = rms_norm(h_TD, input_norm_D, shape.eps)
-    qkv_THDh = (x_TD @ qkv_QD.t()).view(h_TD.shape[0], heads + 2 * kv_heads, shape.head_dim)
-    qk_THDh = apply_rope(qkv_THDh[:, : heads + kv_heads], cos_TDh, sin_TDh)
-    return qk_THDh[:, :heads], qk_THDh[:, heads:], qkv_THDh[:, heads + kv_heads :]
+    return split_qkv_with_rope(
+        x_TD @ qkv_QD.t(), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        cos_TDh=cos_TDh, sin_TDh=sin_TDh,
+    )
 
 
 def post_attention(
@@ -83,8 +83,7 @@ def post_attention(
     gate_TKF, up_TKF = gate_up_TK2F.chunk(2, dim=-1)
     act_TKF = F.silu(gate_TKF) * up_TKF
     y_TKD = (w2_EDF[ids_TK] * act_TKF[:, :, None, :]).sum(-1)
-    moe_TD = (y_TKD * weights_TK[:, :, None]).sum(dim=1).to(h_TD.dtype)  # fp32 weights, like the reference
-    return h_TD + moe_TD, ids_TK
+    return h_TD + weight_and_sum(y_TKD.flatten(0, 1), weights_TK), ids_TK
 
 
 def worth_fusing(experts: LayerExperts, num_rows: int) -> bool:

@@ -83,7 +83,7 @@ class FusedLayers:
         """Compiles every graph a step will use: one for a single token and one for any other count."""
         w, shape = self.layers[0], self.shape
         head_dim = shape.head_dim
-        for num_tokens in (1, 2, min(3, self.max_tokens)):
+        for num_tokens in sorted({min(n, self.max_tokens) for n in (1, 2, 3)}):  # a third size hits the dynamic graph
             h_TD = torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             # distinct cos and sin, as in a step: one tensor for both would compile a graph guarded on the alias
             cos_TDh = torch.ones(num_tokens, head_dim, dtype=self.dtype, device=self.device)

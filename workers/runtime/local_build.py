@@ -68,7 +68,8 @@ def assemble_attention_rank(
         try:
             fused.warm_up()
         except Exception as exc:  # inductor's errors are many types; all mean the same to the caller
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            first_line = text.splitlines()[0] if text else type(exc).__name__
             raise CompileFailed(f"compile_small_steps: torch.compile failed ({first_line}); on a CPU it needs a "
                                 "C++ compiler (g++), or run without --compile") from exc
     return AttentionRank(model, KVCachePool(spec), experts, fused)
