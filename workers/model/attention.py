@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from workers.model.kv_cache import KVCachePool, SequenceBlocks
-from workers.model.linear import Linear
 from workers.model.rope import apply_rope
 
 
@@ -153,23 +152,6 @@ def _rows(table_SHD: torch.Tensor, index_BL: torch.Tensor) -> torch.Tensor:
     return table_SHD.index_select(0, index_BL.reshape(-1)).view(*index_BL.shape, *table_SHD.shape[1:])
 
 
-def project_qkv(
-    x_TD: torch.Tensor,
-    qkv_proj: Linear,
-    *,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    cos_TDh: torch.Tensor,
-    sin_TDh: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fused matmul for q, k, v; RoPE on q and k together (one pass over their H + Hkv heads)."""
-    return split_qkv_with_rope(
-        qkv_proj(x_TD), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, cos_TDh=cos_TDh,
-        sin_TDh=sin_TDh,
-    )
-
-
 def split_qkv_with_rope(
     qkv_TQ: torch.Tensor,
     *,
@@ -179,7 +161,8 @@ def split_qkv_with_rope(
     cos_TDh: torch.Tensor,
     sin_TDh: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q [T, H, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh]) of the fused qkv projection's output, RoPE on q and k."""
+    """(q [T, H, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh]) of the fused qkv projection's output (one matmul for
+    q, k, v); RoPE on q and k together (one pass over their H + Hkv heads)."""
     num_tokens = qkv_TQ.shape[0]
     qkv_THDh = qkv_TQ.view(num_tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 Hkv, Dh]
     qk_THDh = apply_rope(qkv_THDh[:, : num_heads + num_kv_heads], cos_TDh, sin_TDh)  # [T, H + Hkv, Dh]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from workers.config import ModelConfig
-from workers.model.attention import AttentionMetadata, paged_attention, project_qkv
+from workers.model.attention import AttentionMetadata, paged_attention, split_qkv_with_rope
 from workers.model.norm import rms_norm
 from workers.model.rope import rope_cos_sin
 from workers.model.router import route
@@ -42,8 +42,8 @@ class DenseModel:
         w = self.weights.layers[layer]
         cfg = self.cfg
         x_TD = rms_norm(h_TD, w.input_norm_D, cfg.rms_norm_eps)
-        q, k, v = project_qkv(
-            x_TD, w.qkv_proj, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+        q, k, v = split_qkv_with_rope(
+            w.qkv_proj(x_TD), num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, cos_TDh=rope[0], sin_TDh=rope[1],
         )
         attn_THd = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
