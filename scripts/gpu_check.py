@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from cluster.bench.bandwidth import copy_bandwidth
 from cluster.bench.checkpoints import write_random_mixtral
-from cluster.bench.decode import SHAPES, build_rank, build_transformers, copy_bandwidth
+from cluster.bench.decode import SHAPES, build_rank, build_transformers
 from cluster.bench.decode_timing import decode_point
 from cluster.bench.parity import TINY_SPEC, check_parity
 

@@ -10,12 +10,10 @@ Shapes: B sequences, C context tokens, D model dim, F expert ffn dim, E experts,
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from cluster.bench.rank_driver import sync
 from workers.config import ModelConfig
 from workers.model.experts import LayerExperts
 from workers.model.linear import prepare_linear
@@ -120,21 +118,6 @@ def build_rank(hf_model, s: DecodeShapes, block_size: int = 16) -> AttentionRank
     tokens = s.context_len + s.warmup_steps + s.timed_steps + 1
     num_blocks = max(s.batches) * (-(-tokens // block_size) + 1)
     return assemble_attention_rank(cfg, dense, LocalExperts(shard), num_blocks=num_blocks, block_size=block_size)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
-    """Bytes read plus written per second by the best of `reps` device-to-device copies."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for i in range(reps + 2):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best
 
 
 def step_bytes(s: DecodeShapes, batch: int, context: int, experts_touched: float, itemsize: int) -> dict[str, int]:

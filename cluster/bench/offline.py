@@ -1,9 +1,9 @@
 """`mixserve bench offline`: N prompts through transformers, the in-process engine and the Ray engine with
 each requested worker count, one after another in this process (and again per round), then ratios and
-the compute floor.
+the compute and roofline floors.
 
-The matmul rate is measured before and after the engines (the best of the two sets the floor), so a
-machine whose speed drifts during the run shows it in the report.
+The matmul rate and the memory bandwidth are measured before and after the engines (the best of the two
+sets the floors), so a machine whose speed drifts during the run shows it in the report.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from functools import partial
 
 import torch
 
+from cluster.bench.bandwidth import copy_bandwidth
 from cluster.bench.engines import IN_PROCESS_LABEL, EngineSetup, TimedRuns, engine_run, run_in_process
 from cluster.bench.floor import ComputeFloor, MatmulRate, compute_floor, measure_matmul_flops
 from cluster.bench.hf_baseline import run_transformers
 from cluster.bench.meta import RunMeta, run_meta, run_start
 from cluster.bench.ray_runs import ray_label, run_ray
 from cluster.bench.results import IN_PROCESS, RAY, TRANSFORMERS, EngineRun, ModelSummary, Ratios, compute_ratios
+from cluster.bench.roofline import COPY_BYTES, MemoryBandwidth, RooflineFloor, roofline_floor
 from cluster.bench.workload import Workload, make_prompts
 from cluster.ray_session import ray_session
 from workers.config import ModelConfig
@@ -52,6 +54,7 @@ class OfflineReport:
     workload: Workload
     settings: dict[str, str]
     compute_floor: ComputeFloor
+    roofline_floor: RooflineFloor
     reference_label: str | None  # the mixserve engine "EP overhead" is measured against
     runs: tuple[EngineRun, ...]
     ratios: tuple[Ratios, ...]
@@ -66,9 +69,10 @@ def settings_summary(setup: EngineSetup) -> dict[str, str]:
             "compile_small_steps": "on" if setup.compile_small_steps else "off"}
 
 
-def matmul_rate(setup: EngineSetup) -> float:
+def machine_rates(setup: EngineSetup) -> tuple[float, float]:
+    """(matmul FLOP/s, copy bytes/s) at the ranks' thread count."""
     torch.set_num_threads(setup.threads_per_rank)
-    return measure_matmul_flops(setup.dtype, setup.device)
+    return measure_matmul_flops(setup.dtype, setup.device), copy_bandwidth(setup.device, COPY_BYTES)
 
 
 def _reference_label(opts: OfflineOptions) -> str | None:
@@ -104,20 +108,25 @@ def run_offline(opts: OfflineOptions) -> OfflineReport:
     cfg = ModelConfig.from_model_dir(setup.model_dir)
     engines = _engines(opts, cfg, make_prompts(workload, cfg.vocab_size))
     timed = {e.label: TimedRuns() for e in engines}
-    rates = [matmul_rate(setup)]
+    rates = [machine_rates(setup)]
     with ray_session(opts.ray_address, max(opts.workers)) if opts.workers else nullcontext():
         for _ in range(setup.rounds):
             for engine in engines:
                 engine.run(timed[engine.label])
-    rates.append(matmul_rate(setup))
+    rates.append(machine_rates(setup))
     rate = MatmulRate(size=2048, dtype=str(setup.dtype).removeprefix("torch."), device=str(setup.device),
-                      threads=setup.threads_per_rank, flops_per_s=tuple(rates))
+                      threads=setup.threads_per_rank, flops_per_s=tuple(r[0] for r in rates))
+    bandwidth = MemoryBandwidth(copy_bytes=COPY_BYTES, device=str(setup.device), threads=setup.threads_per_rank,
+                                bytes_per_s=tuple(r[1] for r in rates))
     floor = compute_floor(cfg, workload, rate)
+    roofline = roofline_floor(cfg, workload, max_num_seqs=setup.max_num_seqs, matmul_flops_per_s=rate.best,
+                              bandwidth=bandwidth, element_size=setup.dtype.itemsize)
     reference = timed[HF_LABEL].tokens if opts.transformers else None
     runs = [engine_run(e.label, e.kind, e.workers, timed[e.label], workload, setup, reference) for e in engines]
     label = _reference_label(opts)
     return OfflineReport(
         mode="offline", meta=run_meta(start), model=ModelSummary.of(setup.model_dir, cfg), workload=workload,
-        settings=settings_summary(setup), compute_floor=floor, reference_label=label, runs=tuple(runs),
-        ratios=tuple(compute_ratios(runs, reference_label=label, floor_seconds=floor.floor_seconds)),
+        settings=settings_summary(setup), compute_floor=floor, roofline_floor=roofline, reference_label=label,
+        runs=tuple(runs), ratios=tuple(compute_ratios(runs, reference_label=label, floor_seconds=floor.floor_seconds,
+                                                      roofline_seconds=roofline.floor_seconds)),
     )

@@ -11,14 +11,15 @@ from workers.runtime.timing import PHASES
 def headline(report: OfflineReport, *, markdown: bool = False) -> str:
     ratios = {r.label: r for r in report.ratios}
     headers = ["engine", "total s (median)", "best s", "out tok/s", "req/s", "vs transformers (tok/s)",
-               "time vs reference (EP overhead)", "of compute floor", "exact len", "same tokens as transformers",
-               "load 1m"]
+               "time vs reference (EP overhead)", "of compute floor", "of roofline floor", "exact len",
+               "same tokens as transformers", "load 1m"]
     rows = []
     for run in report.runs:
         r = ratios[run.label]
         rows.append([run.label, fmt(run.seconds), fmt(run.best_seconds), fmt(run.output_tokens_per_s, 1),
                      fmt(run.requests_per_s, 3),
                      ratio(r.tok_s_vs_transformers), ratio(r.time_vs_reference), percent(r.floor_fraction),
+                     percent(r.roofline_fraction),
                      fmt(run.exact_output_len), percent(run.agreement_with_transformers), load(run.load_1m)])
     return render(headers, rows, markdown=markdown)
 
@@ -44,7 +45,7 @@ def worker_phases(report: OfflineReport, *, markdown: bool = False) -> str:
 
 
 def summary(report: OfflineReport) -> str:
-    w, m, floor = report.workload, report.meta, report.compute_floor
+    w, m, floor, roof = report.workload, report.meta, report.compute_floor, report.roofline_floor
     s = report.settings
     return (
         f"mixserve bench offline · {report.model.path} · {w.num_prompts} prompts × {w.input_len} in / "
@@ -54,7 +55,12 @@ def summary(report: OfflineReport) -> str:
         f"{m.load_average_end[0]:.2f} · commit {m.git_commit}{load_warning(m)}\n"
         f"compute floor: {floor.flops / 1e9:.1f} GFLOP / {floor.matmul.best / 1e9:.1f} GFLOP/s "
         f"(best {floor.matmul.size}² {floor.matmul.dtype} matmul of {len(floor.matmul.flops_per_s)}) = "
-        f"{floor.floor_seconds:.2f} s\n  {floor.formula}"
+        f"{floor.floor_seconds:.2f} s\n  {floor.formula}\n"
+        f"roofline floor: {roof.floor_seconds:.2f} s = prefill {roof.prefill_seconds:.2f} s + decode "
+        f"{roof.decode_seconds:.2f} s ({roof.decode_memory_bound_steps} of {roof.decode_steps} decode steps "
+        f"memory-bound, {roof.decode_bytes_per_step / 1e9:.3f} GB a step at {roof.bandwidth.best / 1e9:.1f} GB/s "
+        f"copy bandwidth)\n"
+        f"  {roof.formula}"
     )
 
 

@@ -82,6 +82,7 @@ class Ratios:
     tok_s_vs_transformers: float | None  # output tok/s ÷ the transformers baseline's
     time_vs_reference: float | None  # wall time ÷ the reference mixserve engine's (EP overhead)
     floor_fraction: float | None  # compute-floor seconds ÷ wall time
+    roofline_fraction: float | None = None  # roofline-floor seconds ÷ wall time
 
 
 def run_stats(label: str, engine: str, workers: int | None, run_seconds: list[float], requests: int,
@@ -95,7 +96,7 @@ def run_stats(label: str, engine: str, workers: int | None, run_seconds: list[fl
 
 
 def compute_ratios(items: list[Measured], *, reference_label: str | None,
-                   floor_seconds: float | None = None) -> list[Ratios]:
+                   floor_seconds: float | None = None, roofline_seconds: float | None = None) -> list[Ratios]:
     baseline = next((m for m in items if m.engine == TRANSFORMERS), None)
     reference = next((m for m in items if m.label == reference_label), None)
     return [
@@ -104,6 +105,7 @@ def compute_ratios(items: list[Measured], *, reference_label: str | None,
             tok_s_vs_transformers=m.output_tokens_per_s / baseline.output_tokens_per_s if baseline else None,
             time_vs_reference=m.seconds / reference.seconds if reference else None,
             floor_fraction=floor_seconds / m.seconds if floor_seconds else None,
+            roofline_fraction=roofline_seconds / m.seconds if roofline_seconds else None,
         )
         for m in items
     ]

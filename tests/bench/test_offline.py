@@ -12,6 +12,7 @@ import pytest
 from cluster.bench.floor import ComputeFloor, MatmulRate, ParamsPerToken
 from cluster.bench.meta import RunMeta
 from cluster.bench.results import EngineRun, Ratios
+from cluster.bench.roofline import MemoryBandwidth, RooflineFloor
 from cluster.bench.workload import Workload
 from cluster.cli import main
 from workers.config import ModelConfig
@@ -39,13 +40,16 @@ def offline(ray_cluster, tiny8, tmp_path_factory):
 def test_json_has_every_field(offline):
     report, _ = offline
     assert report["mode"] == "offline"
-    top = {"meta", "model", "workload", "settings", "compute_floor", "reference_label", "runs", "ratios"}
+    top = {"meta", "model", "workload", "settings", "compute_floor", "roofline_floor", "reference_label", "runs",
+           "ratios"}
     assert top <= set(report)
     assert names(RunMeta) <= set(report["meta"])
     assert names(Workload) | {"output_tokens", "forwarded_tokens"} <= set(report["workload"])
     assert names(ComputeFloor) <= set(report["compute_floor"])
     assert names(ParamsPerToken) <= set(report["compute_floor"]["params"])
     assert names(MatmulRate) | {"best"} <= set(report["compute_floor"]["matmul"])
+    assert names(RooflineFloor) <= set(report["roofline_floor"])
+    assert names(MemoryBandwidth) | {"best"} <= set(report["roofline_floor"]["bandwidth"])
     assert [r["label"] for r in report["runs"]] == LABELS
     for run in report["runs"]:
         assert names(EngineRun) <= set(run)
@@ -66,6 +70,8 @@ def test_ratios_come_from_the_measured_numbers(offline):
     runs = {r["label"]: r for r in report["runs"]}
     hf, local = runs[LABELS[0]], runs[LABELS[1]]
     floor = report["compute_floor"]["floor_seconds"]
+    roofline = report["roofline_floor"]["floor_seconds"]
+    assert roofline >= floor, "the roofline adds memory time to the same FLOPs"
     assert report["reference_label"] == LABELS[1]
     for ratio in report["ratios"]:
         run = runs[ratio["label"]]
@@ -74,6 +80,7 @@ def test_ratios_come_from_the_measured_numbers(offline):
         assert ratio["tok_s_vs_transformers"] == pytest.approx(run["output_tokens_per_s"] / hf["output_tokens_per_s"])
         assert ratio["time_vs_reference"] == pytest.approx(run["seconds"] / local["seconds"])
         assert ratio["floor_fraction"] == pytest.approx(floor / run["seconds"])
+        assert ratio["roofline_fraction"] == pytest.approx(roofline / run["seconds"])
 
 
 @pytest.mark.timeout(240)
