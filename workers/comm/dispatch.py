@@ -56,6 +56,22 @@ def dispatch(
     Rows received are ordered by source rank, then by local expert; rows from one source for one
     expert keep the order they had in that source's `x_ND`.
     """
+    recv_x_MD, plan = dispatch_rows(
+        x_ND, dest_rank_N, dest_local_expert_N, group=group, num_local_experts_max=num_local_experts_max
+    )
+    return recv_x_MD, received_local_experts(plan.recv_counts_RE, num_received=plan.num_received), plan
+
+
+def dispatch_rows(
+    x_ND: torch.Tensor,
+    dest_rank_N: torch.Tensor,
+    dest_local_expert_N: torch.Tensor,
+    *,
+    group: dist.ProcessGroup,
+    num_local_experts_max: int,
+) -> tuple[torch.Tensor, DispatchPlan]:
+    """`dispatch` without the received rows' local expert ids: (recv_x_MD, plan), for callers that read
+    the per-expert counts from the plan instead."""
     _check_device("x_ND", x_ND, group)
     device = x_ND.device
     permutation_N, send_counts_RE = plan_sends(
@@ -83,8 +99,7 @@ def dispatch(
         group=group,
         what="dispatch rows",
     )
-    recv_local_expert_M = received_local_experts(recv_counts_RE, num_received=plan.num_received)
-    return recv_x_MD, recv_local_expert_M, plan
+    return recv_x_MD, plan
 
 
 def combine(y_MD: torch.Tensor, plan: DispatchPlan, *, group: dist.ProcessGroup) -> torch.Tensor:

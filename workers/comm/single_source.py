@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm.dispatch import _all_to_all, _check_device, _check_rows, dispatch
+from workers.comm.dispatch import _all_to_all, _check_device, _check_rows, dispatch_rows
 from workers.comm.errors import DispatchError
 from workers.comm.plan import DispatchPlan, plan_sends, received_local_experts
 
@@ -62,6 +62,25 @@ def dispatch_from_source(
 
     Every rank calls it with the same capacity, receivers and source. The source passes its rows; every
     other rank passes zero rows (of the right D and dtype) and no destinations."""
+    recv_x_MD, plan = dispatch_rows_from_source(
+        x_ND, dest_rank_N, dest_local_expert_N, group=group, num_local_experts_max=num_local_experts_max,
+        capacity=capacity, receivers=receivers, source=source,
+    )
+    return recv_x_MD, received_local_experts(plan.recv_counts_RE, num_received=plan.num_received), plan
+
+
+def dispatch_rows_from_source(
+    x_ND: torch.Tensor,
+    dest_rank_N: torch.Tensor,
+    dest_local_expert_N: torch.Tensor,
+    *,
+    group: dist.ProcessGroup,
+    num_local_experts_max: int,
+    capacity: int,
+    receivers: tuple[int, ...],
+    source: int = 0,
+) -> tuple[torch.Tensor, DispatchPlan]:
+    """`dispatch_from_source` without the received rows' local expert ids: (recv_x_MD, plan)."""
     _check_device("x_ND", x_ND, group)
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
     if source in receivers or not receivers or any(not 0 <= r < num_ranks for r in receivers):
@@ -105,7 +124,7 @@ def dispatch_from_source(
         permutation_N=permutation_N, send_counts_RE=send_counts_RE, recv_counts_RE=recv_counts_RE,
         input_splits=tuple(send_counts_RE.sum(1).tolist()), output_splits=tuple(recv_counts_RE.sum(1).tolist()),
     )
-    return recv_x_MD, received_local_experts(recv_counts_RE, num_received=plan.num_received), plan
+    return recv_x_MD, plan
 
 
 def dispatch_step(
@@ -117,14 +136,16 @@ def dispatch_step(
     num_local_experts_max: int,
     capacity: int | None,
     receivers: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-    """The step's dispatch as every rank must run it alike: `dispatch_from_source` when `fixed_capacity_rows`
-    gave a capacity, `dispatch` (split sizes first) when it gave None."""
+) -> tuple[torch.Tensor, DispatchPlan]:
+    """The step's dispatch as every rank must run it alike: (recv_x_MD, plan) from `dispatch_from_source`
+    when `fixed_capacity_rows` gave a capacity, from `dispatch` (split sizes first) when it gave None. The
+    received rows' local expert ids are not computed: the expert rank reads its counts from the plan."""
     if capacity is None:
-        return dispatch(x_ND, dest_rank_N, dest_local_expert_N, group=group,
-                        num_local_experts_max=num_local_experts_max)
-    return dispatch_from_source(x_ND, dest_rank_N, dest_local_expert_N, group=group,
-                                num_local_experts_max=num_local_experts_max, capacity=capacity, receivers=receivers)
+        return dispatch_rows(x_ND, dest_rank_N, dest_local_expert_N, group=group,
+                             num_local_experts_max=num_local_experts_max)
+    return dispatch_rows_from_source(x_ND, dest_rank_N, dest_local_expert_N, group=group,
+                                     num_local_experts_max=num_local_experts_max, capacity=capacity,
+                                     receivers=receivers)
 
 
 def _pack(

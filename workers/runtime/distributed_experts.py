@@ -48,7 +48,7 @@ class DistributedExperts:
                 num_tokens=num_tokens, top_k=top_k, row_bytes=x_TD.shape[1] * x_TD.element_size(),
                 num_receivers=len(self.receivers), max_padded_bytes=self.parallel.single_collective_max_bytes,
             )
-            _, _, plan = dispatch_step(
+            _, plan = dispatch_step(
                 x_ND, dest_rank_N, dest_local_N, group=self.group,
                 num_local_experts_max=self.parallel.max_local_experts, capacity=capacity, receivers=self.receivers,
             )

@@ -60,7 +60,7 @@ class ExpertRank:
         nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
         no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
         with self.timings.phase("dispatch"):
-            recv_x_MD, _, plan = dispatch_step(
+            recv_x_MD, plan = dispatch_step(
                 nothing_ND, no_ids_N, no_ids_N, group=self.group, num_local_experts_max=self.max_local_experts,
                 capacity=capacity, receivers=self.receivers,
             )
