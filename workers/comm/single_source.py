@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from workers.comm.dispatch import _all_to_all, _check_device, _check_rows, dispatch_rows
 from workers.comm.errors import DispatchError
-from workers.comm.plan import DispatchPlan, plan_sends, received_local_experts
+from workers.comm.plan import DispatchPlan, plan_sends
 
 _COUNT_BYTES = 8  # int64
 
@@ -57,30 +57,12 @@ def dispatch_from_source(
     capacity: int,
     receivers: tuple[int, ...],
     source: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-    """Returns (recv_x_MD, recv_local_expert_M, plan) exactly as `dispatch` would.
+) -> tuple[torch.Tensor, DispatchPlan]:
+    """Returns (recv_x_MD, plan): the rows and plan `dispatch` would return (its local expert ids, where a
+    caller needs them, are `received_local_experts(plan.recv_counts_RE, num_received=plan.num_received)`).
 
     Every rank calls it with the same capacity, receivers and source. The source passes its rows; every
     other rank passes zero rows (of the right D and dtype) and no destinations."""
-    recv_x_MD, plan = dispatch_rows_from_source(
-        x_ND, dest_rank_N, dest_local_expert_N, group=group, num_local_experts_max=num_local_experts_max,
-        capacity=capacity, receivers=receivers, source=source,
-    )
-    return recv_x_MD, received_local_experts(plan.recv_counts_RE, num_received=plan.num_received), plan
-
-
-def dispatch_rows_from_source(
-    x_ND: torch.Tensor,
-    dest_rank_N: torch.Tensor,
-    dest_local_expert_N: torch.Tensor,
-    *,
-    group: dist.ProcessGroup,
-    num_local_experts_max: int,
-    capacity: int,
-    receivers: tuple[int, ...],
-    source: int = 0,
-) -> tuple[torch.Tensor, DispatchPlan]:
-    """`dispatch_from_source` without the received rows' local expert ids: (recv_x_MD, plan)."""
     _check_device("x_ND", x_ND, group)
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
     if source in receivers or not receivers or any(not 0 <= r < num_ranks for r in receivers):
@@ -143,9 +125,8 @@ def dispatch_step(
     if capacity is None:
         return dispatch_rows(x_ND, dest_rank_N, dest_local_expert_N, group=group,
                              num_local_experts_max=num_local_experts_max)
-    return dispatch_rows_from_source(x_ND, dest_rank_N, dest_local_expert_N, group=group,
-                                     num_local_experts_max=num_local_experts_max, capacity=capacity,
-                                     receivers=receivers)
+    return dispatch_from_source(x_ND, dest_rank_N, dest_local_expert_N, group=group,
+                                num_local_experts_max=num_local_experts_max, capacity=capacity, receivers=receivers)
 
 
 def _pack(
