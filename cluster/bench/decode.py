@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.bench.floor import params_per_token
+from cluster.bench.roofline import layer_elements
 from workers.config import ModelConfig
 from workers.model.experts import LayerExperts
 from workers.model.linear import prepare_linear
@@ -120,11 +122,8 @@ def build_rank(hf_model, s: DecodeShapes, block_size: int = 16) -> AttentionRank
     return assemble_attention_rank(cfg, dense, LocalExperts(shard), num_blocks=num_blocks, block_size=block_size)
 
 
-def step_bytes(s: DecodeShapes, batch: int, context: int, experts_touched: float, itemsize: int) -> dict[str, int]:
-    d, head_dim = s.hidden_size, s.hidden_size // s.num_heads
-    attention = s.num_layers * (d * (s.num_heads + 2 * s.num_kv_heads) * head_dim + s.num_heads * head_dim * d)
-    experts = experts_touched * s.num_layers * 3 * d * s.intermediate_size
-    kv = s.num_layers * batch * context * 2 * s.num_kv_heads * head_dim
-    out = {"attention": attention, "router": s.num_layers * s.num_experts * d, "experts": int(experts), "kv_cache": kv}
-    out = {k: int(v * itemsize) for k, v in out.items()}
+def step_bytes(cfg: ModelConfig, batch: int, context: int, experts_touched: float, itemsize: int) -> dict[str, int]:
+    """Bytes a decode step of `batch` sequences reads in the layers (no lm_head here), by part, and the total."""
+    parts = layer_elements(cfg, params_per_token(cfg), experts_per_layer=experts_touched, keys_read=batch * context)
+    out = {k: int(int(v) * itemsize) for k, v in parts.items()}
     return out | {"total": sum(out.values())}

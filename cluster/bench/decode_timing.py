@@ -77,7 +77,7 @@ def decode_point(rank: AttentionRank, model, s: DecodeShapes, batch: int, bandwi
     mix, hf = statistics.median(mix_times), statistics.median(hf_times)
     context = s.context_len + s.warmup_steps + s.timed_steps // 2  # the mean context of the timed steps
     itemsize = rank.model.dtype.itemsize
-    nbytes = step_bytes(s, batch, context, touched, itemsize)
+    nbytes = step_bytes(rank.model.cfg, batch, context, touched, itemsize)
     floor = nbytes["total"] / bandwidth
     return DecodePoint(
         batch=batch, context_len=context, mixserve_step_s=mix, transformers_step_s=hf, speedup_vs_transformers=hf / mix,

@@ -61,12 +61,23 @@ def experts_hit(cfg: ModelConfig, tokens: int) -> float:
     return e * (1.0 - (1.0 - k / e) ** tokens)
 
 
+def layer_elements(cfg: ModelConfig, params: ParamsPerToken, *, experts_per_layer: float,
+                   keys_read: int) -> dict[str, float]:
+    """Elements a step reads in its layers, by part: every layer's attention projections and router, the
+    weights of `experts_per_layer` experts and `keys_read` K/V rows in each layer (the lm_head excluded)."""
+    layers = params.layers
+    return {
+        "attention": layers * params.attention_projections,
+        "router": layers * params.router,
+        "experts": layers * experts_per_layer * 3 * cfg.hidden_size * cfg.intermediate_size,
+        "kv_cache": layers * keys_read * 2 * cfg.num_key_value_heads * cfg.head_dim,
+    }
+
+
 def step_bytes(cfg: ModelConfig, params: ParamsPerToken, *, tokens: int, keys_read: int, element_size: int) -> float:
     """Bytes a step of `tokens` tokens reads: its weights once, plus `keys_read` K/V rows per layer."""
-    expert = 3 * cfg.hidden_size * cfg.intermediate_size
-    per_layer = params.attention_projections + params.router + experts_hit(cfg, tokens) * expert
-    kv = keys_read * 2 * cfg.num_key_value_heads * cfg.head_dim
-    return element_size * (params.layers * (per_layer + kv) + params.lm_head)
+    parts = layer_elements(cfg, params, experts_per_layer=experts_hit(cfg, tokens), keys_read=keys_read)
+    return element_size * (sum(parts.values()) + params.lm_head)
 
 
 def roofline_floor(cfg: ModelConfig, workload: Workload, *, max_num_seqs: int, matmul_flops_per_s: float,
