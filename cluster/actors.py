@@ -9,6 +9,7 @@ torch work on one thread of its own (`TorchThread`), whichever Ray thread calls 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,10 @@ class ExpertWorker:
     def inventory(self) -> list[str]:
         return list(self.shard.tensor_names) if self.shard else []
 
+    def cpu_seconds(self) -> float:
+        """This process's CPU seconds so far (every thread: torch's, gloo's, Ray's)."""
+        return time.process_time()
+
     def stats(self) -> dict:
         assert self.rank is not None
         return {"steps": self.rank.steps, "seconds": dict(self.rank.timings.seconds),
@@ -236,6 +241,10 @@ class Coordinator:
                                        compile_small_steps=self.settings.compile_small_steps)
         self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
+
+    def cpu_seconds(self) -> float:
+        """This process's CPU seconds so far (every thread: the engine loop's, torch's, gloo's, Ray's)."""
+        return time.process_time()
 
     def inventory(self) -> list[str]:
         names = list(self.dense.tensor_names) if self.dense else []

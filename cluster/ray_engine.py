@@ -347,6 +347,10 @@ class RayExpertParallelEngine:
     def worker_stats(self) -> list[dict]:
         return ray.get([w.stats.remote() for w in self.workers])
 
+    def rank_cpu_seconds(self) -> list[float]:
+        """Each rank's process CPU seconds so far: the coordinator's, then every worker's."""
+        return ray.get([self.coordinator.cpu_seconds.remote(), *(w.cpu_seconds.remote() for w in self.workers)])
+
 
 def _unwrap(ref):
     try:

@@ -7,6 +7,7 @@ import asyncio
 import gc
 from dataclasses import dataclass
 
+from cluster.bench.cpu_time import cpu_delta, cpu_seconds
 from cluster.bench.grpc_load import closed_loop, open_loop
 from cluster.bench.hf_baseline import generate_batch, load_model
 from cluster.bench.latency import RequestTrace
@@ -66,13 +67,16 @@ def measure_server(opts: ServeOptions, cfg: ModelConfig, server: Server, collect
         before = scrape(server.metrics_url) if server.metrics_url else {}
         workers_before = worker_seconds(server.engine) if server.engine else []
         load_before = load_average()[0]
+        cpu_before = cpu_seconds(server.engine)
         traces, seconds = _drive(opts, server, point, prompts, opts.output_len, opts.setup.progress)
+        cpu_after = cpu_seconds(server.engine)
         expected = sum(t.tokens for t in traces)
         after = scrape_settled(server.metrics_url, before, expected) if server.metrics_url else {}
         workers_after = worker_seconds(server.engine) if server.engine else []
         collected.at(server.label, server.engine_kind, server.workers, point).add(
             traces, seconds, server_phases=phase_delta(before, after),
-            worker_phases=_worker_delta(workers_before, workers_after), loads=(load_before, load_average()[0]))
+            worker_phases=_worker_delta(workers_before, workers_after), loads=(load_before, load_average()[0]),
+            cpu=cpu_delta(cpu_before, cpu_after))
 
 
 def _hf_point(model, cfg: ModelConfig, opts: ServeOptions, point: SweepPoint, collected: Collected) -> None:
@@ -81,6 +85,7 @@ def _hf_point(model, cfg: ModelConfig, opts: ServeOptions, point: SweepPoint, co
     seconds = 0.0
     batch = point.concurrency or len(prompts)
     load_before = load_average()[0]
+    cpu_before = cpu_seconds(None)
     with token_bar(len(prompts) * opts.output_len, f"transformers {point.key}", enabled=opts.setup.progress) as bar:
         for first in range(0, len(prompts), batch):
             out = generate_batch(model, cfg, prompts[first:first + batch], opts.output_len, bar.update)
@@ -88,7 +93,8 @@ def _hf_point(model, cfg: ModelConfig, opts: ServeOptions, point: SweepPoint, co
             traces += [RequestTrace(sent=out.start, chunk_times=out.step_times, chunk_tokens=(1,) * len(ids),
                                     done=out.end, finish_reason="length") for ids in out.token_ids]
     collected.at(HF_SERVE_LABEL, TRANSFORMERS, None, point).add(
-        traces, seconds, server_phases={}, worker_phases=[], loads=(load_before, load_average()[0]))
+        traces, seconds, server_phases={}, worker_phases=[], loads=(load_before, load_average()[0]),
+        cpu=cpu_delta(cpu_before, cpu_seconds(None)))
 
 
 def measure_transformers(opts: ServeOptions, cfg: ModelConfig, collected: Collected) -> None:

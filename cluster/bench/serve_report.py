@@ -1,8 +1,10 @@
 """The serve report as text: throughput, client-side latency percentiles and ratios per sweep point,
-then the server-side phase breakdown scraped from /metrics."""
+then the server-side phase breakdown scraped from /metrics, the expert workers' own phases, and the CPU
+seconds of each process."""
 
 from __future__ import annotations
 
+from cluster.bench.cpu_time import BENCH_PROCESS, COORDINATOR
 from cluster.bench.latency import LatencyStats
 from cluster.bench.meta import compiled_note, load_warning
 from cluster.bench.serve_types import ServeReport
@@ -52,6 +54,23 @@ def worker_phases(report: ServeReport, *, markdown: bool = False) -> str:
     return render(headers, rows, markdown=markdown, text_columns=2) if rows else ""
 
 
+def cpu(report: ServeReport, *, markdown: bool = False) -> str:
+    """Per point: CPU seconds of the bench process, the coordinator and the expert workers (summed), their
+    total, the wall seconds, and the cores they kept busy (total / wall)."""
+    headers = ["point", "engine", BENCH_PROCESS, COORDINATOR, "expert workers", "total", "wall", "busy cores",
+               "CPU ms per output token"]
+    rows = []
+    for p in report.points:
+        if not p.cpu_seconds:
+            continue
+        workers = [v for k, v in p.cpu_seconds.items() if k not in (BENCH_PROCESS, COORDINATOR)]
+        total = sum(p.cpu_seconds.values())
+        rows.append([p.point, p.label, fmt(p.cpu_seconds[BENCH_PROCESS]), fmt(p.cpu_seconds.get(COORDINATOR)),
+                     fmt(sum(workers)) if workers else "–", fmt(total), fmt(p.seconds), fmt(total / p.seconds),
+                     fmt(1e3 * total / p.output_tokens, 3) if p.output_tokens else "–"])
+    return render(headers, rows, markdown=markdown, text_columns=2) if rows else ""
+
+
 def _threads(settings: dict[str, str]) -> str:
     threads, reserved = int(settings["threads_per_rank"]), int(settings.get("reserved_cpus", "0"))
     if not reserved:
@@ -73,6 +92,10 @@ def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     workers = worker_phases(report, markdown=markdown)
     if workers:
         parts += ["expert workers' own seconds per point:", workers]
+    used = cpu(report, markdown=markdown)
+    if used:
+        parts += ["CPU seconds per point and round (process time, after − before; bench process: the load "
+                  "generator and, unless --target, the gateway; or the transformers baseline):", used]
     return "\n\n".join(parts)
 
 

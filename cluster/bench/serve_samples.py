@@ -1,5 +1,6 @@
 """What one (engine, sweep point) measured, pooled over rounds: client traces, wall seconds, server phases
-from /metrics, expert workers' own seconds and the load around each round; and the ServePoint from it."""
+from /metrics, expert workers' own seconds, each process's CPU seconds and the load around each round;
+and the ServePoint from it."""
 
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ class PointSamples:
     server_phases: dict[str, float] = field(default_factory=dict)
     worker_phases: list[dict[str, float]] = field(default_factory=list)
     loads: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def add(self, traces: list[RequestTrace], seconds: float, *, server_phases: dict[str, float],
-            worker_phases: list[dict[str, float]], loads: tuple[float, float]) -> None:
+            worker_phases: list[dict[str, float]], loads: tuple[float, float], cpu: dict[str, float]) -> None:
         self.traces += traces
         self.seconds += seconds
         self.rounds += 1
         _add_into(self.server_phases, server_phases)
+        _add_into(self.cpu, cpu)
         if not self.worker_phases:
             self.worker_phases = [{} for _ in worker_phases]
         for total, more in zip(self.worker_phases, worker_phases, strict=True):
@@ -52,6 +55,7 @@ class PointSamples:
             worker_phase_seconds=tuple({k: v / n for k, v in w.items()} for w in self.worker_phases),
             exact_output_len=len(ok) == len(self.traces) and all(t.tokens == output_len for t in ok),
             errors=len(self.traces) - len(ok), load_1m=(min(self.loads), max(self.loads)), rounds=n,
+            cpu_seconds={k: v / n for k, v in self.cpu.items()},
         )
 
 

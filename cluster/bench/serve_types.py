@@ -81,6 +81,9 @@ class ServePoint:
     errors: int
     load_1m: tuple[float, float]  # lowest / highest 1-minute load average around the point's rounds
     rounds: int  # requests, tokens, seconds and phases are per round; rates and latencies pool the rounds
+    # CPU seconds per round by process (cluster.bench.cpu_time): the bench process (gateway + load generator,
+    # or transformers), the coordinator, each expert worker
+    cpu_seconds: dict[str, float]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,9 +1,11 @@
 """`mixserve bench serve` end to end: a gateway on loopback over the Ray engine (0 workers) and the
-transformers baseline, a two-point concurrency sweep; every point's fields and ratios, and the PNG."""
+transformers baseline, a two-point concurrency sweep; every point's fields (CPU seconds per process
+among them) and ratios, and the PNG."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -13,11 +15,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.timeout(240)
-def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster, tiny8, tmp_path):
+def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster, tiny8, tmp_path, capsys):
     argv = ["bench", "serve", "--model", str(tiny8), "--concurrency", "1,2", "--num-prompts", "2", "--input-len", "5",
             "--output-len", "4", "--workers", "0", "--threads", "1", "--warmup-tokens", "2", "--no-progress",
             "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]
     assert main(argv) == 0
+    assert "CPU seconds per point and round" in capsys.readouterr().out
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["mode"] == "serve"
     points = {(p["point"], p["engine"]): p for p in report["points"]}
@@ -31,6 +34,11 @@ def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster,
         assert p["latency"]["ttft"]["p50"] <= p["latency"]["e2e"]["p50"]
     ray_points = [p for p in report["points"] if p["engine"] == "ray"]
     assert all(p["server_phase_seconds"]["attention"] > 0 for p in ray_points)
+    for p in report["points"]:  # per process: the bench's own, and with an engine its coordinator's
+        expected = {"bench process", "coordinator"} if p["engine"] == "ray" else {"bench process"}
+        assert set(p["cpu_seconds"]) == expected
+        assert all(v > 0 for v in p["cpu_seconds"].values()), p["cpu_seconds"]
+        assert sum(p["cpu_seconds"].values()) <= os.cpu_count() * (p["seconds"] + 0.5)
     for r in report["ratios"]:
         p = next(q for q in report["points"] if q["point"] == r["point"] and q["label"] == r["ratios"]["label"])
         hf = points[(r["point"], "transformers")]

@@ -1,5 +1,5 @@
 """The Ray expert-parallel engine: parity for 1-4 workers, per-worker weight inventory, start failures that
-name the worker, a worker killed mid-generation, and a clean shutdown."""
+name the worker, each rank's own CPU seconds, a worker killed mid-generation, and a clean shutdown."""
 
 from __future__ import annotations
 
@@ -97,6 +97,21 @@ def test_each_worker_holds_only_its_experts(ray_cluster, tiny8):
         expected = set(expert_tensor_shapes(cfg, placement.experts_of_worker(w)))
         assert set(inventories[f"worker {w}"]) == expected
     assert [len(placement.experts_of_worker(w)) for w in range(3)] == [3, 3, 2]
+
+
+@pytest.mark.timeout(300)
+def test_rank_cpu_seconds_are_each_ranks_own_process_time(ray_cluster, tiny8):
+    """What `bench serve` reports per process: one reading per rank, taken in that rank's process, growing
+    with the work it does, and bounded by the host's cores over the elapsed time."""
+    with _engine(tiny8, 2) as engine:
+        pids = set(engine.pids().values())
+        before, start = engine.rank_cpu_seconds(), time.monotonic()
+        engine.generate(_requests([[3, 4, 5, 6] * 8] * 4, n=24))
+        after, elapsed = engine.rank_cpu_seconds(), time.monotonic() - start
+    assert len(pids) == 3 and len(before) == len(after) == 3
+    used = [a - b for a, b in zip(after, before, strict=True)]
+    assert all(u > 0 for u in used), used
+    assert sum(used) <= psutil.cpu_count() * elapsed * 1.05 + 0.05, (used, elapsed)
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,34 @@
+"""CPU seconds each process of a measurement used (user + system, all of its threads): this bench process
+(in `bench serve` the gateway and the load generator, or the transformers baseline) and each Ray rank,
+read inside its own process over Ray.
+
+CPU seconds over wall seconds is how many cores a process kept busy; on a host of C cores, C minus the
+sum over its processes is what sat idle (hand-offs between ranks, wake-ups), and a process's share says
+what a faster engine would still have to pay (the gateway's streaming, for one)."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.ray_engine import RayExpertParallelEngine
+
+BENCH_PROCESS = "bench process"
+COORDINATOR = "coordinator"
+
+
+def worker_key(worker: int) -> str:
+    return f"worker {worker}"
+
+
+def cpu_seconds(engine: RayExpertParallelEngine | None) -> dict[str, float]:
+    """Cumulative CPU seconds by process: this one, then (given an engine) its coordinator and workers."""
+    now = {BENCH_PROCESS: time.process_time()}
+    if engine is not None:
+        coordinator, *workers = engine.rank_cpu_seconds()
+        now[COORDINATOR] = coordinator
+        now.update({worker_key(w): seconds for w, seconds in enumerate(workers)})
+    return now
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {process: after[process] - before[process] for process in after}
