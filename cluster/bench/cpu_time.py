@@ -9,8 +9,12 @@ what a faster engine would still have to pay (the gateway's streaming, for one).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from cluster.ray_engine import RayExpertParallelEngine
+from cluster.bench.table import fmt
+
+if TYPE_CHECKING:
+    from cluster.ray_engine import RayExpertParallelEngine
 
 BENCH_PROCESS = "bench process"
 COORDINATOR = "coordinator"
@@ -20,7 +24,7 @@ def worker_key(worker: int) -> str:
     return f"worker {worker}"
 
 
-def cpu_seconds(engine: RayExpertParallelEngine | None) -> dict[str, float]:
+def cpu_seconds(engine: RayExpertParallelEngine | None = None) -> dict[str, float]:
     """Cumulative CPU seconds by process: this one, then (given an engine) its coordinator and workers."""
     now = {BENCH_PROCESS: time.process_time()}
     if engine is not None:
@@ -32,3 +36,16 @@ def cpu_seconds(engine: RayExpertParallelEngine | None) -> dict[str, float]:
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {process: after[process] - before[process] for process in after}
+
+
+CPU_HEADERS = [BENCH_PROCESS, COORDINATOR, "expert workers", "total", "wall", "busy cores", "CPU ms per output token"]
+
+
+def cpu_cells(cpu: dict[str, float], wall_s: float, output_tokens: int) -> list[str]:
+    """The CPU_HEADERS columns: each process's seconds (the workers summed), their total, the wall seconds,
+    the cores kept busy (total / wall) and the CPU milliseconds per output token."""
+    workers = [v for k, v in cpu.items() if k not in (BENCH_PROCESS, COORDINATOR)]
+    total = sum(cpu.values())
+    return [fmt(cpu.get(BENCH_PROCESS)), fmt(cpu.get(COORDINATOR)), fmt(sum(workers)) if workers else "–",
+            fmt(total), fmt(wall_s), fmt(total / wall_s) if wall_s else "–",
+            fmt(1e3 * total / output_tokens, 3) if output_tokens else "–"]

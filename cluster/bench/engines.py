@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.cpu_time import cpu_delta, cpu_seconds
 from cluster.bench.meta import load_average
 from cluster.bench.progress import token_bar
 from cluster.bench.results import TRANSFORMERS, EngineRun, run_stats
@@ -107,6 +108,7 @@ class TimedRuns:
     notes: dict[str, str] = field(default_factory=dict)
     prefill_seconds: float = 0.0  # steps holding prompt tokens (transformers: up to the first token)
     decode_seconds: float = 0.0  # one-token-per-sequence steps (transformers: after the first token)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process (cluster.bench.cpu_time)
 
     def sample_load(self) -> None:
         self.loads.append(load_average()[0])
@@ -123,6 +125,10 @@ class TimedRuns:
                 self.decode_seconds += sum(step.values())
         self.steps += len(steps.phases)
         self.tokens = tokens
+
+    def add_cpu(self, used: dict[str, float]) -> None:
+        for process, seconds in used.items():
+            self.cpu[process] = self.cpu.get(process, 0.0) + seconds
 
     def add_worker_phases(self, per_worker: list[dict[str, float]]) -> None:
         if not self.worker_phases:
@@ -152,6 +158,7 @@ def engine_run(label: str, engine: str, workers: int | None, timed: TimedRuns, w
         prefill_seconds=timed.prefill_seconds / runs, decode_seconds=timed.decode_seconds / runs,
         unaccounted_seconds=mean_seconds - sum(per_run.values()) if per_run else None,
         worker_phase_seconds=tuple({k: v / runs for k, v in w.items()} for w in timed.worker_phases),
+        cpu_seconds={k: v / runs for k, v in timed.cpu.items()},
         exact_output_len=all(len(t) == workload.output_len for t in timed.tokens),
         agreement_with_transformers=agreement(timed.tokens, reference),
         load_1m=(min(timed.loads, default=0.0), max(timed.loads, default=0.0)), notes=timed.notes | settings,
@@ -184,6 +191,8 @@ def run_in_process(cfg: ModelConfig, setup: EngineSetup, workload: Workload, pro
     _take_steps(engine)
     requests = engine_requests(prompts, workload.output_len, f"run{len(timed.seconds)}")
     timed.sample_load()
+    cpu_before = cpu_seconds()
     with token_bar(workload.output_tokens, IN_PROCESS_LABEL, enabled=setup.progress) as bar:
         seconds, tokens = _local_generate(engine, requests, bar.update)
+    timed.add_cpu(cpu_delta(cpu_before, cpu_seconds()))
     timed.add(seconds, _take_steps(engine), tokens)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.cpu_time import cpu_delta, cpu_seconds
 from cluster.bench.engines import EngineSetup, Steps, TimedRuns
 from cluster.bench.progress import token_bar
 from cluster.bench.workload import Workload
@@ -95,8 +96,10 @@ def run_transformers(cfg: ModelConfig, setup: EngineSetup, workload: Workload, p
     timed.notes = implementation_notes(model)
     generate_batch(model, cfg, prompts, setup.warmup_tokens)
     timed.sample_load()
+    cpu_before = cpu_seconds()
     with token_bar(workload.output_tokens, "transformers generate", enabled=setup.progress) as bar:
         out = generate_batch(model, cfg, prompts, workload.output_len, bar.update)
+    timed.add_cpu(cpu_delta(cpu_before, cpu_seconds()))
     timed.add(out.end - out.start, Steps(), out.token_ids)
     timed.steps += len(out.step_times)
     timed.prefill_seconds += out.step_times[0] - out.start

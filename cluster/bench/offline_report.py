@@ -1,7 +1,9 @@
-"""The offline report as text: the headline table (rates and ratios), then where the time went."""
+"""The offline report as text: the headline table (rates and ratios), then where the time went: phases,
+the expert workers' own phases, and each process's CPU seconds."""
 
 from __future__ import annotations
 
+from cluster.bench.cpu_time import CPU_HEADERS, cpu_cells
 from cluster.bench.meta import compiled_note, load_warning
 from cluster.bench.offline import OfflineReport
 from cluster.bench.table import fmt, load, percent, ratio, render
@@ -44,6 +46,13 @@ def worker_phases(report: OfflineReport, *, markdown: bool = False) -> str:
     return render(headers, rows, markdown=markdown, text_columns=2) if rows else ""
 
 
+def cpu(report: OfflineReport, *, markdown: bool = False) -> str:
+    headers = ["engine", *CPU_HEADERS]
+    rows = [[run.label, *cpu_cells(run.cpu_seconds, sum(run.run_seconds) / len(run.run_seconds), run.output_tokens)]
+            for run in report.runs if run.cpu_seconds]
+    return render(headers, rows, markdown=markdown) if rows else ""
+
+
 def summary(report: OfflineReport) -> str:
     w, m, floor, roof = report.workload, report.meta, report.compute_floor, report.roofline_floor
     s = report.settings
@@ -72,4 +81,8 @@ def format_offline(report: OfflineReport, *, markdown: bool = False) -> str:
     workers = worker_phases(report, markdown=markdown)
     if workers:
         parts += ["expert workers' own seconds per run:", workers]
+    used = cpu(report, markdown=markdown)
+    if used:
+        parts += ["CPU seconds per run (means; process time of the bench process, which runs transformers and the "
+                  "in-process engine, and of each Ray rank), against the mean wall seconds:", used]
     return "\n\n".join(parts)

@@ -12,6 +12,7 @@ import time
 
 import ray
 
+from cluster.bench.cpu_time import cpu_delta, cpu_seconds
 from cluster.bench.engines import EngineSetup, OnTokens, Steps, TimedRuns, engine_settings, scheduler_config
 from cluster.bench.progress import token_bar
 from cluster.bench.workload import Workload, engine_requests
@@ -73,8 +74,10 @@ def run_ray(cfg: ModelConfig, setup: EngineSetup, workload: Workload, prompts: l
         before = worker_seconds(engine)
         requests = engine_requests(prompts, workload.output_len, f"run{len(timed.seconds)}")
         timed.sample_load()
+        cpu_before = cpu_seconds(engine)
         with token_bar(workload.output_tokens, ray_label(workers), enabled=setup.progress) as bar:
             seconds, steps, tokens = ray_generate(engine, requests, bar.update, setup.timeout_s)
+        timed.add_cpu(cpu_delta(cpu_before, cpu_seconds(engine)))
         timed.add(seconds, steps, tokens)
         after = worker_seconds(engine)
     finally:

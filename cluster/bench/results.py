@@ -63,6 +63,7 @@ class EngineRun:
     decode_seconds: float | None = None  # one-token steps (transformers: first token → end)
     unaccounted_seconds: float | None = None  # mean wall time − phases: scheduling, Ray calls, Python
     worker_phase_seconds: tuple[dict[str, float], ...] = ()  # each expert worker's own timings
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per run, by process (cluster.bench.cpu_time)
     exact_output_len: bool = True  # every request produced exactly output_len tokens
     agreement_with_transformers: float | None = None  # fraction of requests with the same tokens
     load_1m: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before / after: other processes distort times

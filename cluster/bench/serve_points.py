@@ -85,7 +85,7 @@ def _hf_point(model, cfg: ModelConfig, opts: ServeOptions, point: SweepPoint, co
     seconds = 0.0
     batch = point.concurrency or len(prompts)
     load_before = load_average()[0]
-    cpu_before = cpu_seconds(None)
+    cpu_before = cpu_seconds()
     with token_bar(len(prompts) * opts.output_len, f"transformers {point.key}", enabled=opts.setup.progress) as bar:
         for first in range(0, len(prompts), batch):
             out = generate_batch(model, cfg, prompts[first:first + batch], opts.output_len, bar.update)
@@ -94,7 +94,7 @@ def _hf_point(model, cfg: ModelConfig, opts: ServeOptions, point: SweepPoint, co
                                     done=out.end, finish_reason="length") for ids in out.token_ids]
     collected.at(HF_SERVE_LABEL, TRANSFORMERS, None, point).add(
         traces, seconds, server_phases={}, worker_phases=[], loads=(load_before, load_average()[0]),
-        cpu=cpu_delta(cpu_before, cpu_seconds(None)))
+        cpu=cpu_delta(cpu_before, cpu_seconds()))
 
 
 def measure_transformers(opts: ServeOptions, cfg: ModelConfig, collected: Collected) -> None:

@@ -4,7 +4,7 @@ seconds of each process."""
 
 from __future__ import annotations
 
-from cluster.bench.cpu_time import BENCH_PROCESS, COORDINATOR
+from cluster.bench.cpu_time import CPU_HEADERS, cpu_cells
 from cluster.bench.latency import LatencyStats
 from cluster.bench.meta import compiled_note, load_warning
 from cluster.bench.serve_types import ServeReport
@@ -55,19 +55,9 @@ def worker_phases(report: ServeReport, *, markdown: bool = False) -> str:
 
 
 def cpu(report: ServeReport, *, markdown: bool = False) -> str:
-    """Per point: CPU seconds of the bench process, the coordinator and the expert workers (summed), their
-    total, the wall seconds, and the cores they kept busy (total / wall)."""
-    headers = ["point", "engine", BENCH_PROCESS, COORDINATOR, "expert workers", "total", "wall", "busy cores",
-               "CPU ms per output token"]
-    rows = []
-    for p in report.points:
-        if not p.cpu_seconds:
-            continue
-        workers = [v for k, v in p.cpu_seconds.items() if k not in (BENCH_PROCESS, COORDINATOR)]
-        total = sum(p.cpu_seconds.values())
-        rows.append([p.point, p.label, fmt(p.cpu_seconds[BENCH_PROCESS]), fmt(p.cpu_seconds.get(COORDINATOR)),
-                     fmt(sum(workers)) if workers else "–", fmt(total), fmt(p.seconds), fmt(total / p.seconds),
-                     fmt(1e3 * total / p.output_tokens, 3) if p.output_tokens else "–"])
+    headers = ["point", "engine", *CPU_HEADERS]
+    rows = [[p.point, p.label, *cpu_cells(p.cpu_seconds, p.seconds, p.output_tokens)]
+            for p in report.points if p.cpu_seconds]
     return render(headers, rows, markdown=markdown, text_columns=2) if rows else ""
 
 

@@ -1,11 +1,12 @@
 """`mixserve bench offline` end to end on a tiny checkpoint: transformers, in-process and Ray with 0 and 1
-expert workers. Checks the JSON's fields, that every ratio comes from the measured numbers, the floor
+expert workers. Checks the JSON's fields (each process's CPU seconds among them), that every ratio comes from the measured numbers, the floor
 formula, and the PNG. Performance is reported, never asserted."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -61,6 +62,13 @@ def test_json_has_every_field(offline):
         assert run["steps"] >= 5
     ray1 = report["runs"][3]
     assert len(ray1["worker_phase_seconds"]) == 1 and ray1["worker_phase_seconds"][0]["experts"] > 0
+    # CPU seconds by process: the bench process runs transformers and the in-process engine (and drives Ray)
+    processes = [{"bench process"}, {"bench process"}, {"bench process", "coordinator"},
+                 {"bench process", "coordinator", "worker 0"}]
+    for run, expected in zip(report["runs"], processes, strict=True):
+        assert set(run["cpu_seconds"]) == expected and all(v > 0 for v in run["cpu_seconds"].values()), run
+        mean_wall = sum(run["run_seconds"]) / len(run["run_seconds"])
+        assert sum(run["cpu_seconds"].values()) <= os.cpu_count() * (mean_wall + 0.5)
     assert [r["label"] for r in report["ratios"]] == LABELS and names(Ratios) <= set(report["ratios"][0])
 
 
