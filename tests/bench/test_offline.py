@@ -1,6 +1,6 @@
 """`mixserve bench offline` end to end on a tiny checkpoint: transformers, in-process and Ray with 0 and 1
-expert workers. Checks the JSON's fields (each process's CPU seconds among them), that every ratio comes from the measured numbers, the floor
-formula, and the PNG. Performance is reported, never asserted."""
+expert workers. Checks the JSON's fields (each process's CPU seconds among them), that every ratio comes
+from the measured numbers, the floor formula, and the PNG. Performance is reported, never asserted."""
 
 from __future__ import annotations
 
