@@ -335,9 +335,12 @@ class RayExpertParallelEngine:
             out[f"worker {w}"] = ray.get(actor.pid.remote())
         return out
 
+    def _ranks(self) -> dict[str, ray.actor.ActorHandle]:
+        return {"coordinator": self.coordinator} | {f"worker {w}": a for w, a in enumerate(self.workers)}
+
     def torch_threads(self) -> dict[str, int]:
         """Torch intra-op threads of the coordinator and of every expert worker."""
-        ranks = {"coordinator": self.coordinator} | {f"worker {w}": a for w, a in enumerate(self.workers)}
+        ranks = self._ranks()
         return dict(zip(ranks, ray.get([a.torch_threads.remote() for a in ranks.values()]), strict=True))
 
     def compiled_step_tokens(self) -> int:
@@ -347,9 +350,10 @@ class RayExpertParallelEngine:
     def worker_stats(self) -> list[dict]:
         return ray.get([w.stats.remote() for w in self.workers])
 
-    def rank_cpu_seconds(self) -> list[float]:
-        """Each rank's process CPU seconds so far: the coordinator's, then every worker's."""
-        return ray.get([self.coordinator.cpu_seconds.remote(), *(w.cpu_seconds.remote() for w in self.workers)])
+    def rank_cpu_seconds(self) -> dict[str, float]:
+        """Process CPU seconds so far of the coordinator and of every expert worker, each read in its process."""
+        ranks = self._ranks()
+        return dict(zip(ranks, ray.get([a.cpu_seconds.remote() for a in ranks.values()]), strict=True))
 
 
 def _unwrap(ref):

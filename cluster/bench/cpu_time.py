@@ -17,21 +17,14 @@ if TYPE_CHECKING:
     from cluster.ray_engine import RayExpertParallelEngine
 
 BENCH_PROCESS = "bench process"
-COORDINATOR = "coordinator"
-
-
-def worker_key(worker: int) -> str:
-    return f"worker {worker}"
+COORDINATOR = "coordinator"  # RayExpertParallelEngine's name for rank 0
 
 
 def cpu_seconds(engine: RayExpertParallelEngine | None = None) -> dict[str, float]:
-    """Cumulative CPU seconds by process: this one, then (given an engine) its coordinator and workers."""
+    """Cumulative CPU seconds by process: this one, then (given an engine) its ranks, named as the engine
+    names them ("coordinator", "worker 0", ...)."""
     now = {BENCH_PROCESS: time.process_time()}
-    if engine is not None:
-        coordinator, *workers = engine.rank_cpu_seconds()
-        now[COORDINATOR] = coordinator
-        now.update({worker_key(w): seconds for w, seconds in enumerate(workers)})
-    return now
+    return now | engine.rank_cpu_seconds() if engine is not None else now
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
