@@ -72,10 +72,6 @@ class ModelConfig:
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ConfigError(f"{name} ({token_id}) is outside the vocabulary [0, {self.vocab_size})")
 
-    @property
-    def gqa_ratio(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from the dict of a Hugging Face Mixtral `config.json` (transformers 4.x or 5.x)."""
@@ -140,25 +136,60 @@ class ParallelConfig:
     """Where each expert lives: rank 0 is the attention rank, expert workers are ranks 1..num_workers.
 
     `worker_of_expert[e]` is the worker index (0-based) holding expert e, the same for every layer;
-    `local_index_of_expert[e]` is its position among that worker's experts.
+    `local_index_of_expert[e]` is its position among that worker's experts (sorted by global id). The one
+    placement record: the Ray layer reads which checkpoint tensors each worker opens from it, the attention
+    rank where each row goes.
     """
 
     worker_of_expert: tuple[int, ...]
     collective_timeout_s: float = 20.0
     # A step's rows go out in one collective with their counts (workers.comm.single_source) while the padding
     # it sends, workers x T*K rows, stays within this many bytes (one worker: always, it pads nothing); 0: never.
+    # Only the attention rank reads it: the step header carries its decision to the expert ranks.
     single_collective_max_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
+        if not isinstance(self.worker_of_expert, tuple):
+            raise ConfigError(f"worker_of_expert must be a tuple, got {type(self.worker_of_expert).__name__}")
         if not self.worker_of_expert:
-            raise ConfigError("worker_of_expert is empty")
-        workers = set(self.worker_of_expert)
-        if workers != set(range(len(workers))):
-            raise ConfigError(f"worker_of_expert must use workers 0..N-1 each at least once, got {sorted(workers)}")
+            raise ConfigError("worker_of_expert is empty: there must be at least one expert")
+        for expert, worker in enumerate(self.worker_of_expert):
+            if not isinstance(worker, int) or isinstance(worker, bool) or worker < 0:
+                raise ConfigError(
+                    f"worker_of_expert: expert {expert} is assigned to worker {worker!r}, not a worker index >= 0"
+                )
+        idle = sorted(set(range(self.num_workers)) - set(self.worker_of_expert))
+        if idle:
+            raise ConfigError(
+                f"worker_of_expert: workers {idle} of 0..{self.num_workers - 1} hold no experts: "
+                "every worker must hold at least one"
+            )
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
         if self.single_collective_max_bytes < 0:
             raise ConfigError(f"single_collective_max_bytes must be >= 0, got {self.single_collective_max_bytes}")
+
+    @classmethod
+    def contiguous(cls, *, num_experts: int, num_workers: int, **options: Any) -> ParallelConfig:
+        """Contiguous, as-even-as-possible blocks: 8 experts on 3 workers -> [0,1,2], [3,4,5], [6,7].
+        options: the other fields (collective_timeout_s, single_collective_max_bytes)."""
+        _positive("num_experts", num_experts)
+        _positive("num_workers", num_workers)
+        if num_workers > num_experts:
+            raise ConfigError(
+                f"num_workers ({num_workers}) exceeds num_experts ({num_experts}): "
+                "every worker must hold at least one expert"
+            )
+        base, extra = divmod(num_experts, num_workers)
+        boundary = extra * (base + 1)  # the first `extra` workers hold base + 1 experts, the rest base
+        worker_of_expert = tuple(
+            e // (base + 1) if e < boundary else extra + (e - boundary) // base for e in range(num_experts)
+        )
+        return cls(worker_of_expert=worker_of_expert, **options)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.worker_of_expert)
 
     @property
     def num_workers(self) -> int:
@@ -169,6 +200,9 @@ class ParallelConfig:
         return self.num_workers + 1
 
     def experts_of_worker(self, worker: int) -> tuple[int, ...]:
+        """Sorted global expert ids held by `worker`."""
+        if not 0 <= worker < self.num_workers:
+            raise ConfigError(f"worker {worker} is out of range [0, {self.num_workers})")
         return tuple(e for e, w in enumerate(self.worker_of_expert) if w == worker)
 
     @property
@@ -186,4 +220,5 @@ class ParallelConfig:
 
     @property
     def max_local_experts(self) -> int:
-        return max(len(self.experts_of_worker(w)) for w in range(self.num_workers))
+        """e_max: the largest number of experts any worker holds."""
+        return max(self.worker_of_expert.count(w) for w in range(self.num_workers))

@@ -25,20 +25,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from workers.comm import (
-    AllToAllDispatcher,
     CollectiveError,
     DispatchError,
     GroupConfigError,
-    LocalDispatcher,
     ProcessGroupHandle,
     combine,
+    counts_if_grouped,
     create_group,
-    dispatch,
+    dispatch_rows,
     free_port,
-    group_by_local_expert,
-    local_combine,
-    local_dispatch,
-    unpermute,
 )
 
 D = 4
@@ -117,19 +112,18 @@ def _make_input(scenario: Scenario, src: int) -> RankInput:
     return RankInput(x_ND.to(scenario.dtype), dest_rank_N, dest_local_expert_N)
 
 
-def _expected_received(scenario: Scenario, dst: int) -> tuple[torch.Tensor, list[int], list[list[int]]]:
-    """Oracle: (x_MD, local_expert_M, counts_RE) rank `dst` must receive, by source then local expert."""
-    rows, experts, counts = [], [], []
+def _expected_received(scenario: Scenario, dst: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Oracle: (x_MD, counts_RE) rank `dst` must receive, by source then local expert."""
+    rows, counts = [], []
     for src in range(len(scenario.rows_per_rank)):
         inp = _make_input(scenario, src)
         mine = [i for i in range(inp.x_ND.shape[0]) if int(inp.dest_rank_N[i]) == dst]
         mine.sort(key=lambda i: int(inp.dest_local_expert_N[i]))  # stable: keeps row order per expert
         mine_experts = [int(inp.dest_local_expert_N[i]) for i in mine]
         rows += [inp.x_ND[i] for i in mine]
-        experts += mine_experts
         counts.append([mine_experts.count(j) for j in range(scenario.num_local_experts_max)])
     x_MD = torch.stack(rows) if rows else torch.empty(0, D, dtype=scenario.dtype)
-    return x_MD, experts, counts
+    return x_MD, counts
 
 
 @contextlib.contextmanager
@@ -158,7 +152,7 @@ def _check_dispatch_combine(scenario: Scenario, rank: int, group: dist.ProcessGr
     where = f"[{scenario.name}] rank {rank}"
     inp = _make_input(scenario, rank)
     with _count_collectives() as calls:
-        recv_x_MD, recv_local_expert_M, plan = dispatch(
+        recv_x_MD, plan = dispatch_rows(
             inp.x_ND,
             inp.dest_rank_N,
             inp.dest_local_expert_N,
@@ -166,12 +160,11 @@ def _check_dispatch_combine(scenario: Scenario, rank: int, group: dist.ProcessGr
             num_local_experts_max=scenario.num_local_experts_max,
         )
     assert calls == {**dict.fromkeys(calls, 0), "all_to_all_single": 2}, f"{where}: dispatch ran {calls}"
-    expected_x_MD, expected_experts, expected_counts = _expected_received(scenario, rank)
+    expected_x_MD, expected_counts = _expected_received(scenario, rank)
     assert recv_x_MD.dtype == scenario.dtype and recv_x_MD.shape == expected_x_MD.shape, (
         f"{where}: received {recv_x_MD.dtype} {tuple(recv_x_MD.shape)}, expected {tuple(expected_x_MD.shape)}"
     )
     assert torch.equal(recv_x_MD, expected_x_MD), f"{where}: received\n{recv_x_MD}\nexpected\n{expected_x_MD}"
-    assert recv_local_expert_M.tolist() == expected_experts, f"{where}: local experts {recv_local_expert_M}"
     assert plan.recv_counts_RE.tolist() == expected_counts, f"{where}: recv counts {plan.recv_counts_RE}"
     assert plan.output_splits == tuple(sum(c) for c in expected_counts), f"{where}: {plan.output_splits}"
     assert plan.input_splits == tuple(
@@ -187,32 +180,63 @@ def _check_dispatch_combine(scenario: Scenario, rank: int, group: dist.ProcessGr
     assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
 
 
+def _local_experts_of(recv_counts_RE: torch.Tensor) -> torch.Tensor:
+    """Local expert of each received row, given rows arrive by source rank, then by local expert."""
+    experts = [j for counts in recv_counts_RE.tolist() for j, count in enumerate(counts) for _ in range(count)]
+    return torch.tensor(experts, dtype=torch.int64)
+
+
 def _check_grouped_experts(scenario: Scenario, rank: int, group: dist.ProcessGroup) -> None:
-    """An expert rank regroups rows by local expert, runs one op per expert, ungroups, combines."""
+    """An expert rank runs one op per local expert over the rows as received, then combines. Rows from a
+    single source arrive grouped by local expert and `counts_if_grouped` gives their counts (the expert
+    rank's path); rows from several sources are not grouped, and it says so."""
     where = f"[{scenario.name}] grouped, rank {rank}"
     inp = _make_input(scenario, rank)
-    dispatcher = AllToAllDispatcher(group)
-    recv_x_MD, recv_local_expert_M, plan = dispatcher.dispatch(
-        inp.x_ND,
-        inp.dest_rank_N,
-        inp.dest_local_expert_N,
+    recv_x_MD, plan = dispatch_rows(
+        inp.x_ND, inp.dest_rank_N, inp.dest_local_expert_N, group=group,
         num_local_experts_max=scenario.num_local_experts_max,
     )
     num_local = scenario.experts_per_rank[rank]
-    permutation_M, counts_e = group_by_local_expert(recv_local_expert_M, num_local_experts=num_local)
-    assert counts_e.tolist() == plan.recv_counts_RE.sum(0)[:num_local].tolist(), f"{where}: {counts_e}"
-    grouped_x_MD = recv_x_MD[permutation_M]
-    grouped_y_MD = torch.empty_like(grouped_x_MD)
-    start = 0
-    for j, count in enumerate(counts_e.tolist()):  # one op per local expert over all of its rows
-        grouped_y_MD[start : start + count] = grouped_x_MD[start : start + count] * 2 + rank * 100 + j
-        start += count
-    y_MD = unpermute(grouped_y_MD, permutation_M)
-    y_ND = dispatcher.combine(y_MD, plan)
+    local_expert_M = _local_experts_of(plan.recv_counts_RE)
+    counts_e = counts_if_grouped(plan, num_local_experts=num_local)
+    sources = [src for src in range(len(scenario.rows_per_rank)) if plan.output_splits[src]]
+    if len(sources) > 1:
+        assert counts_e is None, f"{where}: rows from sources {sources} reported grouped as {counts_e}"
+        y_MD = recv_x_MD * 2 + (rank * 100 + local_expert_M)[:, None].to(scenario.dtype)
+    else:
+        expected_counts = torch.bincount(local_expert_M, minlength=num_local).tolist()
+        assert counts_e == expected_counts, f"{where}: counts {counts_e}, expected {expected_counts}"
+        y_MD = torch.empty_like(recv_x_MD)
+        start = 0
+        for j, count in enumerate(counts_e):  # one op per local expert over all of its rows
+            y_MD[start : start + count] = recv_x_MD[start : start + count] * 2 + rank * 100 + j
+            start += count
+    y_ND = combine(y_MD, plan, group=group)
     expected_y_ND = inp.x_ND * 2 + (inp.dest_rank_N * 100 + inp.dest_local_expert_N)[:, None].to(
         scenario.dtype
     )
     assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
+
+
+def _check_bad_arguments(rank: int, group: dist.ProcessGroup) -> None:
+    """Bad routes and row counts are rejected on the calling rank before any collective (every rank checks
+    its own, then all build one empty plan together for the combine check)."""
+    bad_routes = [
+        ([1, 1, 9], [0, 1, 0], 3, "row 2 is routed to rank 9, local expert 0, outside"),
+        ([1, 1, 1], [0, 4, 0], 3, "row 1 is routed to rank 1, local expert 4"),
+        ([1, 1, 1], [0, -1, 0], 3, "row 1 is routed to rank 1, local expert -1"),
+        ([1, 1], [0, 1, 0], 3, "dest_rank_N has 2 rows but dest_local_expert_N has 3"),
+        ([1, 1, 1], [0, 1, 0], 2, r"x_ND must have shape \[3, D\], got \(2, 4\)"),
+        ([1.0, 1.0], [0, 1], 2, "dest_rank_N must be a 1-D integer tensor"),
+    ]
+    for dest_rank, dest_expert, rows, message in bad_routes:
+        with pytest.raises(DispatchError, match=message):
+            dispatch_rows(torch.zeros(rows, D), torch.tensor(dest_rank), torch.tensor(dest_expert), group=group,
+                          num_local_experts_max=4)
+    _, plan = dispatch_rows(torch.zeros(0, D), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                            group=group, num_local_experts_max=1)
+    with pytest.raises(DispatchError, match=rf"y_MD must have shape \[{plan.num_received}, D\]"):
+        combine(torch.zeros(plan.num_received + 1, D), plan, group=group)
 
 
 def _join(rank: int, world_size: int, port: int, timeout_s: float) -> ProcessGroupHandle:
@@ -232,6 +256,7 @@ def _rank_main(rank: int, world_size: int, port: int) -> None:
         for scenario in _scenarios(world_size):
             _check_dispatch_combine(scenario, rank, handle.group)
             _check_grouped_experts(scenario, rank, handle.group)
+        _check_bad_arguments(rank, handle.group)
     finally:
         handle.destroy()
         handle.destroy()  # idempotent
@@ -278,7 +303,7 @@ def _hang_main(rank: int, world_size: int, port: int, released: Event) -> None:
         start = time.monotonic()
         x_ND = torch.zeros(3, D)
         with pytest.raises(CollectiveError, match=r"all_to_all_single \(split sizes\) failed on rank 0 of 2"):
-            dispatch(
+            dispatch_rows(
                 x_ND,
                 torch.ones(3, dtype=torch.int64),
                 torch.zeros(3, dtype=torch.int64),
@@ -310,73 +335,7 @@ def test_rendezvous_without_peers_raises_collective_error() -> None:
     assert not dist.is_initialized()
 
 
-# ---- the local (EP=1) path and argument checks: no processes needed ----
-
-
-def _local_scenario(num_rows: int) -> Scenario:
-    return Scenario(name="local", seed=5, experts_per_rank=(8,), rows_per_rank=(num_rows,), receivers=(0,))
-
-
-@pytest.mark.parametrize("num_rows", [0, 1, 29])
-@pytest.mark.parametrize("use_class", [False, True])
-def test_local_dispatch_matches_oracle_and_combine_restores_order(num_rows: int, use_class: bool) -> None:
-    scenario = _local_scenario(num_rows)
-    inp = _make_input(scenario, 0)
-    dispatcher = LocalDispatcher()
-    run_dispatch = dispatcher.dispatch if use_class else local_dispatch
-    sorted_x_ND, local_expert_N, plan = run_dispatch(
-        inp.x_ND, inp.dest_rank_N, inp.dest_local_expert_N, num_local_experts_max=8
-    )
-    expected_x_ND, expected_experts, expected_counts = _expected_received(scenario, 0)
-    assert torch.equal(sorted_x_ND, expected_x_ND)
-    assert local_expert_N.tolist() == expected_experts
-    assert plan.send_counts_RE.tolist() == plan.recv_counts_RE.tolist() == expected_counts
-    assert plan.input_splits == plan.output_splits == (num_rows,)
-    y_MD = sorted_x_ND * 2 + local_expert_N[:, None]
-    y_ND = dispatcher.combine(y_MD, plan) if use_class else local_combine(y_MD, plan)
-    assert torch.equal(y_ND, inp.x_ND * 2 + inp.dest_local_expert_N[:, None])
-
-
-def test_group_by_local_expert_regroups_across_sources() -> None:
-    recv_local_expert_M = torch.tensor([0, 2, 2, 0, 1, 2])  # two sources, each sorted by expert
-    permutation_M, counts_e = group_by_local_expert(recv_local_expert_M, num_local_experts=4)
-    assert permutation_M.tolist() == [0, 3, 4, 1, 2, 5]
-    assert counts_e.tolist() == [2, 1, 3, 0]
-    rows_MD = torch.arange(6.0)[:, None].expand(6, D)
-    assert torch.equal(unpermute(rows_MD[permutation_M], permutation_M), rows_MD)
-    with pytest.raises(DispatchError, match="local expert 2 but this rank holds 2 experts"):
-        group_by_local_expert(recv_local_expert_M, num_local_experts=2)
-
-
-@pytest.mark.parametrize(
-    ("dest_rank", "dest_expert", "rows", "message"),
-    [
-        ([0, 0, 1], [0, 1, 0], 3, "row 2 is routed to rank 1, local expert 0, outside 1 ranks x 4 local"),
-        ([0, 0, 0], [0, 4, 0], 3, "row 1 is routed to rank 0, local expert 4"),
-        ([0, 0, 0], [0, -1, 0], 3, "row 1 is routed to rank 0, local expert -1"),
-        ([0, 0], [0, 1, 0], 3, "dest_rank_N has 2 rows but dest_local_expert_N has 3"),
-        ([0, 0, 0], [0, 1, 0], 2, r"x_ND must have shape \[3, D\], got \(2, 4\)"),
-        ([0.0, 0.0], [0, 1], 2, "dest_rank_N must be a 1-D integer tensor"),
-    ],
-)
-def test_local_dispatch_rejects_bad_routes(
-    dest_rank: list[float], dest_expert: list[int], rows: int, message: str
-) -> None:
-    with pytest.raises(DispatchError, match=message):
-        local_dispatch(
-            torch.zeros(rows, D), torch.tensor(dest_rank), torch.tensor(dest_expert), num_local_experts_max=4
-        )
-
-
-def test_local_combine_rejects_wrong_row_count() -> None:
-    _, _, plan = local_dispatch(
-        torch.zeros(3, D),
-        torch.zeros(3, dtype=torch.int64),
-        torch.zeros(3, dtype=torch.int64),
-        num_local_experts_max=1,
-    )
-    with pytest.raises(DispatchError, match=r"y_MD must have shape \[3, D\]"):
-        local_combine(torch.zeros(2, D), plan)
+# ---- argument checks: no processes needed ----
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.placement import contiguous_placement
 from tests.reference import hf_greedy, load_hf, relative_error, teacher_forced_logits
 from workers.comm import create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
@@ -26,14 +25,14 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prom
     try:
         torch.set_num_threads(1)
         cfg = ModelConfig.from_model_dir(model_dir)
-        placement = contiguous_placement(cfg.num_local_experts, world - 1)
-        parallel = ParallelConfig(worker_of_expert=placement.worker_of_expert, collective_timeout_s=60,
-                                  single_collective_max_bytes=max_bytes)
+        parallel = ParallelConfig.contiguous(num_experts=cfg.num_local_experts, num_workers=world - 1,
+                                             collective_timeout_s=60, single_collective_max_bytes=max_bytes)
         reader = CheckpointReader(model_dir)
         handle = create_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                               timeout_s=60)
         if rank == 0:
-            experts = DistributedExperts(parallel, group=handle.group, device=CPU)
+            experts = DistributedExperts(parallel, group=handle.group, device=CPU, top_k=cfg.num_experts_per_tok,
+                                         row_bytes=cfg.hidden_size * torch.float32.itemsize)
             dense = load_dense_weights(reader, cfg, dtype=torch.float32, device=CPU)
             attention = assemble_attention_rank(cfg, dense, experts, num_blocks=128, block_size=4)
             logits = teacher_forced_logits(attention, sequences, prompt_lens)
@@ -43,8 +42,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prom
             shard = load_expert_shard(reader, cfg, parallel.experts_of_worker(rank - 1), dtype=torch.float32,
                                       device=CPU)
             ExpertRank(shard, group=handle.group, device=CPU, max_local_experts=parallel.max_local_experts,
-                       hidden_size=cfg.hidden_size, top_k=cfg.num_experts_per_tok,
-                       single_collective_max_bytes=parallel.single_collective_max_bytes).run()
+                       hidden_size=cfg.hidden_size).run()
         handle.destroy()
     except Exception:
         errors.put(("error", f"rank {rank}: {traceback.format_exc()}"))

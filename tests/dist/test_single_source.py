@@ -1,8 +1,9 @@
-"""dispatch_from_source on real gloo ranks: one collective, and exactly what `dispatch` delivers.
+"""dispatch_from_source on real gloo ranks: one collective, and exactly what `dispatch_rows` delivers.
 
 Rank 0 sends rank-encoded rows to the expert ranks (one of them idle when there are three); every rank
-runs `dispatch` and `dispatch_from_source` on the same inputs and compares rows, local experts and plans,
-then `combine` round-trips with the single-collective plan. The policy (`fixed_capacity_rows`) is pure.
+runs `dispatch_rows` and `dispatch_from_source` on the same inputs and compares rows and plans, then
+`combine` round-trips with the single-collective plan. The policy (`fixed_capacity_rows`) is pure and only
+the sender runs it: an expert rank takes each step's capacity from the step header, whatever it is.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ from tests.dist.test_dispatch_combine import (
     _make_input,
     _spawn,
 )
-from workers.comm import DispatchError, combine, dispatch, dispatch_from_source, fixed_capacity_rows
-from workers.comm.plan import received_local_experts
+from workers.comm import DispatchError, combine, dispatch_from_source, dispatch_rows, dispatch_step, fixed_capacity_rows
+from workers.config import ParallelConfig
+from workers.model.experts import LayerExperts, weight_and_sum
+from workers.model.reference_moe import reference_moe
+from workers.model.router import route
+from workers.model.weights import ExpertShard
+from workers.runtime.expert_rank import ExpertRank
+from workers.runtime.step_header import Command, StepHeader, broadcast_header
 
 
 def _scenarios(world_size: int) -> list[Scenario]:
@@ -48,9 +55,7 @@ def _check_against_dispatch(scenario: Scenario, rank: int, group: dist.ProcessGr
     inp = _make_input(scenario, rank)
     receivers = tuple(range(1, dist.get_world_size(group)))
     args = (inp.x_ND, inp.dest_rank_N, inp.dest_local_expert_N)
-    expected_x, expected_local, expected_plan = dispatch(
-        *args, group=group, num_local_experts_max=scenario.num_local_experts_max
-    )
+    expected_x, expected_plan = dispatch_rows(*args, group=group, num_local_experts_max=scenario.num_local_experts_max)
     with _count_collectives() as calls:
         recv_x, plan = dispatch_from_source(
             *args, group=group, num_local_experts_max=scenario.num_local_experts_max, capacity=capacity,
@@ -60,8 +65,6 @@ def _check_against_dispatch(scenario: Scenario, rank: int, group: dist.ProcessGr
     assert recv_x.dtype == scenario.dtype and torch.equal(recv_x, expected_x), (
         f"{where}: received\n{recv_x}\nexpected\n{expected_x}"
     )
-    recv_local = received_local_experts(plan.recv_counts_RE, num_received=plan.num_received)
-    assert torch.equal(recv_local, expected_local), f"{where}: local experts {recv_local} vs {expected_local}"
     assert torch.equal(plan.permutation_N, expected_plan.permutation_N), f"{where}: permutation"
     assert torch.equal(plan.send_counts_RE, expected_plan.send_counts_RE), f"{where}: send counts"
     assert torch.equal(plan.recv_counts_RE, expected_plan.recv_counts_RE), f"{where}: recv counts"
@@ -106,9 +109,77 @@ def test_one_receiver_always_takes_the_single_collective():
 def test_several_receivers_take_it_while_the_padding_is_small():
     small = {"top_k": 2, "row_bytes": 4096, "num_receivers": 2, "max_padded_bytes": 1 << 20}
     assert fixed_capacity_rows(num_tokens=64, **small) == 128  # 2 x 128 rows x 4 KiB = 1 MiB
-    assert fixed_capacity_rows(num_tokens=65, **small) is None
+    assert fixed_capacity_rows(num_tokens=65, **small) == 0
 
 
 def test_zero_bytes_or_no_tokens_never_take_it():
-    assert fixed_capacity_rows(num_tokens=8, top_k=2, row_bytes=64, num_receivers=1, max_padded_bytes=0) is None
-    assert fixed_capacity_rows(num_tokens=0, top_k=2, row_bytes=64, num_receivers=1, max_padded_bytes=1 << 20) is None
+    assert fixed_capacity_rows(num_tokens=8, top_k=2, row_bytes=64, num_receivers=1, max_padded_bytes=0) == 0
+    assert fixed_capacity_rows(num_tokens=0, top_k=2, row_bytes=64, num_receivers=1, max_padded_bytes=1 << 20) == 0
+
+
+# ---- the step header's capacity drives the expert ranks ----
+
+CPU = torch.device("cpu")
+TOKENS, TOP_K, WIDTH, FFN, EXPERTS, LAYERS = 5, 2, 8, 12, 8, 2
+# T*K = 10 rows a step. 13: more room than the rows need, a capacity `fixed_capacity_rows` never gives;
+# 0: split sizes first, though the step is small enough for one collective; 10: the rows exactly.
+HEADER_CAPACITIES = (13, 0, 10)
+
+
+def _layer_experts(layer: int) -> LayerExperts:
+    gen = torch.Generator().manual_seed(50 + layer)
+    return LayerExperts(w13_e2FD=torch.randn(EXPERTS, 2 * FFN, WIDTH, generator=gen) * 0.3,
+                        w2_eDF=torch.randn(EXPERTS, WIDTH, FFN, generator=gen) * 0.3)
+
+
+def _drive_steps(group: dist.ProcessGroup, parallel: ParallelConfig, layers: list[LayerExperts]) -> None:
+    """Rank 0: one step per header capacity, each layer checked against the reference loop, then STOP."""
+    rank_of_expert_E = torch.tensor(parallel.rank_of_expert)
+    local_index_E = torch.tensor(parallel.local_index_of_expert)
+    gen = torch.Generator().manual_seed(7)
+    for capacity in HEADER_CAPACITIES:
+        header = StepHeader(command=Command.STEP, num_tokens=TOKENS, capacity_rows=capacity)
+        broadcast_header(header, group=group, device=CPU)
+        for layer, experts in enumerate(layers):
+            x_TD = torch.randn(TOKENS, WIDTH, generator=gen)
+            weights_TK, ids_TK = route(x_TD, torch.randn(EXPERTS, WIDTH, generator=gen), TOP_K)
+            ids_N = ids_TK.reshape(-1)
+            _, plan = dispatch_step(
+                x_TD.repeat_interleave(TOP_K, dim=0), rank_of_expert_E[ids_N], local_index_E[ids_N], group=group,
+                num_local_experts_max=parallel.max_local_experts, capacity=capacity,
+                receivers=tuple(range(1, parallel.world_size)),
+            )
+            y_TD = weight_and_sum(combine(x_TD.new_empty(0, WIDTH), plan, group=group), weights_TK)
+            torch.testing.assert_close(y_TD, reference_moe(x_TD, weights_TK, ids_TK, experts), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, c=capacity, la=layer: f"capacity {c}, layer {la}: {m}")
+    broadcast_header(StepHeader(command=Command.STOP), group=group, device=CPU)
+
+
+def _header_main(rank: int, world_size: int, port: int) -> None:
+    handle = _join(rank, world_size, port, GROUP_TIMEOUT_S)
+    try:
+        parallel = ParallelConfig.contiguous(num_experts=EXPERTS, num_workers=world_size - 1)
+        layers = [_layer_experts(layer) for layer in range(LAYERS)]
+        if rank == 0:
+            _drive_steps(handle.group, parallel, layers)
+            return
+        mine = parallel.experts_of_worker(rank - 1)
+        shard = ExpertShard(expert_ids=mine, tensor_names=(), layers=tuple(
+            LayerExperts(w13_e2FD=e.w13_e2FD[list(mine)], w2_eDF=e.w2_eDF[list(mine)]) for e in layers
+        ))
+        expert_rank = ExpertRank(shard, group=handle.group, device=CPU, max_local_experts=parallel.max_local_experts,
+                                 hidden_size=WIDTH)
+        with _count_collectives() as calls:
+            expert_rank.run()
+        # per layer: a one-collective dispatch (capacity > 0) or split sizes + rows (0), then the combine
+        expected = LAYERS * sum(2 if capacity else 3 for capacity in HEADER_CAPACITIES)
+        assert calls["all_to_all_single"] == expected, f"rank {rank}: {calls}, expected {expected} all_to_all_single"
+        assert expert_rank.steps == len(HEADER_CAPACITIES)
+    finally:
+        handle.destroy()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_expert_ranks_follow_the_capacity_the_header_carries(world_size: int) -> None:
+    _spawn(_header_main, world_size)

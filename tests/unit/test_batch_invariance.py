@@ -33,12 +33,17 @@ def test_alone_equals_in_batch(tiny8):
 
 
 def test_arrival_mid_decode_and_preemption_keep_tokens(tiny8):
-    """Requests joining while others decode, under a cache small enough to force preemption."""
+    """Requests joining while others decode, under a cache too small for all of them: running sequences are
+    preempted (their blocks freed, their tokens recomputed later), and every sequence still gives the tokens
+    it gives alone."""
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (9, 17, 4, 12)]
     solo = [_engine(tiny8).generate([_request(str(i), p)])[0].token_ids for i, p in enumerate(prompts)]
-    rank = build_attention_rank(tiny8, dtype=torch.float32, device=torch.device("cpu"), num_blocks=20, block_size=4)
+    # tiny8's window is 16 tokens: a sequence of more than 12 tokens holds a ring of 4 blocks of 4, and
+    # every sequence here grows past that. Four of them want 16 blocks; the pool has 10.
+    rank = build_attention_rank(tiny8, dtype=torch.float32, device=torch.device("cpu"), num_blocks=10, block_size=4)
     engine = LLMEngine(rank, SchedulerConfig(max_batched_tokens=16))
+    preempted = _count_preemptions(engine)
     outputs: dict[str, list[int]] = {}
     pending = [_request(str(i), p) for i, p in enumerate(prompts)]
     engine.add_request(pending.pop(0))
@@ -47,5 +52,24 @@ def test_arrival_mid_decode_and_preemption_keep_tokens(tiny8):
             engine.add_request(pending.pop(0))
         for update in engine.step():
             outputs.setdefault(update.request_id, []).extend(update.token_ids)
+    assert preempted, "the cache never ran out: nothing was preempted"
+    assert any(len(tokens) > 0 for tokens in preempted), f"only sequences without output were preempted: {preempted}"
     assert [outputs[str(i)] for i in range(4)] == solo
     assert rank.pool.usage == 0.0
+
+
+def _count_preemptions(engine: LLMEngine) -> list[list[int]]:
+    """Records, for each preemption, the output the preempted sequence had: a preemption is the scheduler
+    freeing the blocks of a live, unfinished sequence (a finished one has its finish reason set first)."""
+    preempted: list[list[int]] = []
+    pool = engine.scheduler.pool
+    release = pool.release
+
+    def spy(blocks):
+        for seq in engine.sequences.values():
+            if seq.blocks is blocks and seq.finish_reason is None:
+                preempted.append(list(seq.output_ids))
+        release(blocks)
+
+    pool.release = spy
+    return preempted

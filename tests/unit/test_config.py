@@ -21,7 +21,7 @@ def test_reads_transformers_4_and_5_layouts():
         | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
     )
     assert v4 == v5
-    assert v4.head_dim == 16 and v4.gqa_ratio == 2 and v4.eos_token_ids == (2,)
+    assert v4.head_dim == 16 and v4.num_key_value_heads == 2 and v4.eos_token_ids == (2,)
 
 
 def test_explicit_head_dim_and_eos_list():

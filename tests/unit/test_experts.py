@@ -1,11 +1,13 @@
-"""The grouped expert path equals the plain reference loop, including experts that get no tokens."""
+"""Every grouped expert path (padded bmm, expert by expert over stacked or packed weights) equals the plain
+reference loop, including experts that get no tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from workers.model.experts import LayerExperts, PackedLayerExperts, local_moe, prepare_layer_experts
+from workers.model.experts import LayerExperts, local_moe, pack_experts, packs_experts
+from workers.model.linear import can_pack
 from workers.model.reference_moe import reference_moe
 from workers.model.router import route
 
@@ -71,14 +73,17 @@ def test_both_grouped_paths_equal_reference(monkeypatch, pad_limit):
     )
 
 
+@pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="oneDNN is not available")
 @pytest.mark.parametrize("num_tokens", [1, 9, 300])
 def test_packed_experts_equal_reference(num_tokens):
-    """The oneDNN-packed per-expert path (CPU) matches the reference loop over the unpacked weights."""
+    """The oneDNN-packed expert-by-expert path (CPU) matches the reference loop over the stacked weights."""
     gen = torch.Generator().manual_seed(num_tokens)
     layer = _experts(8, 32, 40, gen)
-    packed = prepare_layer_experts(layer, force=True)
-    assert isinstance(packed, PackedLayerExperts), "CPU float32 experts are packed"
-    torch.testing.assert_close(packed.unpacked().w13_e2FD, layer.w13_e2FD, rtol=0, atol=0)
+    packed = pack_experts(layer.w13_e2FD.unbind(0), layer.w2_eDF.unbind(0))
+    for expert in range(8):
+        w13, w2 = packed.linears(expert)
+        torch.testing.assert_close(w13.dense_weight(), layer.w13_e2FD[expert], rtol=0, atol=0)
+        torch.testing.assert_close(w2.dense_weight(), layer.w2_eDF[expert], rtol=0, atol=0)
     x_TD = torch.randn(num_tokens, 32, generator=gen)
     ids_TK = torch.randint(0, 6, (num_tokens, 2), generator=gen)  # experts 6 and 7 get nothing
     ids_TK[:, 1] = (ids_TK[:, 0] + 1) % 6
@@ -89,9 +94,8 @@ def test_packed_experts_equal_reference(num_tokens):
     )
 
 
-def test_unpackable_experts_stay_stacked():
-    layer = _experts(4, 16, 24, torch.Generator().manual_seed(0))
-    assert prepare_layer_experts(layer, pack=False, force=True) is layer
-    assert prepare_layer_experts(layer) is layer, "experts this small run faster as one padded bmm"
-    doubles = LayerExperts(layer.w13_e2FD.double(), layer.w2_eDF.double())
-    assert prepare_layer_experts(doubles, force=True) is doubles
+def test_only_big_cpu_float_experts_are_packed():
+    w2_elements = 16 * 24
+    assert not packs_experts("cpu", torch.float32, w2_elements), "experts this small run faster as one padded bmm"
+    assert not packs_experts("cpu", torch.float64, 1 << 20) and not packs_experts("cuda", torch.float32, 1 << 20)
+    assert packs_experts("cpu", torch.float32, 1 << 20) == can_pack("cpu", torch.float32)

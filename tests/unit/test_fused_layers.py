@@ -12,8 +12,8 @@ from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
 from tests.tiny_models import TINY_VARIANTS
 from workers.model import fused_decode
-from workers.model.experts import prepare_layer_experts
-from workers.model.fused_decode import FusedSegments, eager_segments, post_attention, pre_attention
+from workers.model.experts import pack_experts
+from workers.model.fused_decode import FusedSegments, post_attention, pre_attention
 from workers.model.weights import ExpertShard
 from workers.runtime.attention_rank import LocalExperts
 from workers.runtime.local_build import build_attention_rank, fused_layers_for
@@ -37,6 +37,11 @@ def _requests(seed: int, lengths: tuple[int, ...], new_tokens: int = 20) -> list
 def _run(rank, requests, max_batched_tokens: int = 32):
     results = LLMEngine(rank, SchedulerConfig(max_batched_tokens=max_batched_tokens)).generate(requests)
     return {r.request_id: r for r in results}
+
+
+def _eager_segments() -> FusedSegments:
+    """The segments uncompiled: the numerics reference for the compiled ones."""
+    return FusedSegments(pre=pre_attention, post=post_attention)
 
 
 def _counting(segments: FusedSegments, calls: Counter) -> FusedSegments:
@@ -67,7 +72,7 @@ def test_fused_segments_match_the_eager_layers(tiny_checkpoints, variant):
     eager_rank = _rank(model_dir)
     fused_rank = _rank(model_dir)
     calls: Counter = Counter()
-    fused_rank.fused = fused_layers_for(fused_rank.model, fused_rank.experts, _counting(eager_segments(), calls))
+    fused_rank.fused = fused_layers_for(fused_rank.model, fused_rank.experts, _counting(_eager_segments(), calls))
     assert fused_rank.fused is not None
     fused_rank.fused.max_tokens = 8  # steps of more tokens take the eager layers
     # a 10-token step budget: prefill chunks of up to 10 tokens, alone or beside decode tokens, both paths
@@ -96,7 +101,7 @@ def test_the_segments_alone_match_on_one_token(tiny8):
     fused = fused_layers_for(rank.model, rank.experts, FusedSegments(pre=torch.compile(pre_attention),
                                                                         post=torch.compile(post_attention)))
     assert fused is not None
-    reference = fused_layers_for(rank.model, rank.experts, eager_segments())
+    reference = fused_layers_for(rank.model, rank.experts, _eager_segments())
     gen = torch.Generator().manual_seed(5)
     for tokens in (1, 5):
         h_TD = torch.randn(tokens, rank.model.cfg.hidden_size, generator=gen)
@@ -114,9 +119,9 @@ def test_no_fused_layers_where_they_do_not_apply(tiny8, monkeypatch):
     stacked = rank.experts.shard
     packed = ExpertShard(
         expert_ids=stacked.expert_ids, tensor_names=stacked.tensor_names,
-        layers=tuple(prepare_layer_experts(layer, force=True) for layer in stacked.layers),
+        layers=tuple(pack_experts(layer.w13_e2FD.unbind(0), layer.w2_eDF.unbind(0)) for layer in stacked.layers),
     )
-    assert fused_layers_for(rank.model, LocalExperts(packed), eager_segments()) is None
+    assert fused_layers_for(rank.model, LocalExperts(packed), _eager_segments()) is None
 
     class RemoteExperts:
         def begin_step(self, num_tokens: int) -> None: ...
@@ -124,8 +129,8 @@ def test_no_fused_layers_where_they_do_not_apply(tiny8, monkeypatch):
         def moe(self, layer, x_TD, weights_TK, ids_TK, timings):
             raise AssertionError("not called")
 
-    assert fused_layers_for(rank.model, RemoteExperts(), eager_segments()) is None
-    assert fused_layers_for(rank.model, rank.experts, eager_segments()) is not None
+    assert fused_layers_for(rank.model, RemoteExperts(), _eager_segments()) is None
+    assert fused_layers_for(rank.model, rank.experts, _eager_segments()) is not None
     monkeypatch.setattr(fused_decode, "FUSED_EXPERT_BYTES_LIMIT", 1000)  # below one token's K experts
-    assert fused_layers_for(rank.model, rank.experts, eager_segments()) is None
+    assert fused_layers_for(rank.model, rank.experts, _eager_segments()) is None
     assert _rank(tiny8, compile_small_steps=False).fused is None

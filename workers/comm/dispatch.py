@@ -1,9 +1,10 @@
 """Expert-parallel token dispatch and combine over `torch.distributed.all_to_all_single`.
 
-`dispatch` sends every row to the (rank, local expert) the router chose; `combine` sends the processed
+`dispatch_rows` sends every row to the (rank, local expert) the router chose; `combine` sends the processed
 rows back and restores their original order. Any rank may send rows to any rank, itself included;
 ranks with nothing to send or receive still call both, with zero-row tensors. Collectives per call:
-`dispatch` 2 (split sizes, then rows), `combine` 1 (rows).
+`dispatch_rows` 2 (split sizes, then rows), `combine` 1 (rows). Steps small enough to pad go through
+`workers.comm.single_source` instead (1 collective); `combine` serves both.
 
 The process group is always passed in. Tensors must live on the group's device (CPU for gloo, this
 rank's GPU for NCCL); the device is taken from `x_ND`. This module knows nothing about expert weights
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from workers.comm.errors import CollectiveError, DispatchError
-from workers.comm.plan import DispatchPlan, plan_sends, received_local_experts, unpermute
+from workers.comm.plan import DispatchPlan, plan_sends, unpermute
 
 
 def exchange_counts(send_counts_RE: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
@@ -43,25 +44,6 @@ def exchange_counts(send_counts_RE: torch.Tensor, *, group: dist.ProcessGroup) -
     return recv_flat.view(send_counts_RE.shape)  # [R, e_max]
 
 
-def dispatch(
-    x_ND: torch.Tensor,
-    dest_rank_N: torch.Tensor,
-    dest_local_expert_N: torch.Tensor,
-    *,
-    group: dist.ProcessGroup,
-    num_local_experts_max: int,
-) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-    """Returns (recv_x_MD, recv_local_expert_M, plan).
-
-    Rows received are ordered by source rank, then by local expert; rows from one source for one
-    expert keep the order they had in that source's `x_ND`.
-    """
-    recv_x_MD, plan = dispatch_rows(
-        x_ND, dest_rank_N, dest_local_expert_N, group=group, num_local_experts_max=num_local_experts_max
-    )
-    return recv_x_MD, received_local_experts(plan.recv_counts_RE, num_received=plan.num_received), plan
-
-
 def dispatch_rows(
     x_ND: torch.Tensor,
     dest_rank_N: torch.Tensor,
@@ -70,8 +52,9 @@ def dispatch_rows(
     group: dist.ProcessGroup,
     num_local_experts_max: int,
 ) -> tuple[torch.Tensor, DispatchPlan]:
-    """`dispatch` without the received rows' local expert ids: (recv_x_MD, plan), for callers that read
-    the per-expert counts from the plan instead."""
+    """Returns (recv_x_MD, plan): rows received are ordered by source rank, then by local expert; rows from
+    one source for one expert keep the order they had in that source's `x_ND`. Each received row's local
+    expert follows from `plan.recv_counts_RE` (the expert rank reads its per-expert counts there)."""
     _check_device("x_ND", x_ND, group)
     device = x_ND.device
     permutation_N, send_counts_RE = plan_sends(
@@ -105,7 +88,7 @@ def dispatch_rows(
 def combine(y_MD: torch.Tensor, plan: DispatchPlan, *, group: dist.ProcessGroup) -> torch.Tensor:
     """Sends processed rows back to where they came from; returns y_ND in the original order of x_ND.
 
-    `y_MD` must be in the order `dispatch` returned the rows (undo any regrouping first).
+    `y_MD` must be in the order the rows were received.
     """
     _check_rows("y_MD", y_MD, plan.num_received)
     _check_device("y_MD", y_MD, group)
@@ -122,32 +105,6 @@ def combine(y_MD: torch.Tensor, plan: DispatchPlan, *, group: dist.ProcessGroup)
         what="combine rows",
     )
     return unpermute(sorted_y_ND, plan.permutation_N.to(y_MD.device))
-
-
-class AllToAllDispatcher:
-    """`dispatch` / `combine` bound to one process group (the EP > 1 `TokenDispatcher`)."""
-
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        self.group = group
-
-    def dispatch(
-        self,
-        x_ND: torch.Tensor,
-        dest_rank_N: torch.Tensor,
-        dest_local_expert_N: torch.Tensor,
-        *,
-        num_local_experts_max: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-        return dispatch(
-            x_ND,
-            dest_rank_N,
-            dest_local_expert_N,
-            group=self.group,
-            num_local_experts_max=num_local_experts_max,
-        )
-
-    def combine(self, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return combine(y_MD, plan, group=self.group)
 
 
 def _check_rows(name: str, rows: torch.Tensor, expected: int) -> None:

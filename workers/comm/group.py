@@ -1,7 +1,7 @@
 """Process-group setup for one rank of the expert-parallel group.
 
 One process per rank (later each is a Ray actor): the caller passes every setting explicitly and gets
-a `ProcessGroupHandle` to pass on to `dispatch` / `combine`; nothing here reads the environment.
+a `ProcessGroupHandle` to pass on to `dispatch_step` / `combine`; nothing here reads the environment.
 Every group gets a timeout, so a dead or stuck peer turns a collective into `CollectiveError` instead
 of a hang. This module knows nothing about models or experts.
 """

@@ -1,8 +1,8 @@
 """Routing bookkeeping for expert-parallel dispatch: the frozen `DispatchPlan` and the sorts behind it.
 
 Pure tensor math, no collectives: this module decides the order rows travel in and how many go where;
-`workers.comm.dispatch` moves them and `workers.comm.local` is the in-process (EP=1) path. It knows
-nothing about experts' weights or about which global expert a local index stands for.
+`workers.comm.dispatch` and `workers.comm.single_source` move them. It knows nothing about experts'
+weights or about which global expert a local index stands for.
 
 Shape legend:
     D  model dim (any trailing row width)
@@ -15,7 +15,6 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -24,7 +23,7 @@ from workers.comm.errors import DispatchError
 
 @dataclass(frozen=True, eq=False)
 class DispatchPlan:
-    """What `dispatch` did, so that `combine` can send every row back to its original position."""
+    """What a dispatch did, so that `combine` can send every row back to its original position."""
 
     permutation_N: torch.Tensor  # [N] int64: x_ND[permutation_N] is sorted by (dest rank, local expert)
     send_counts_RE: torch.Tensor  # [R, e_max] int64: rows this rank sends to each (rank, local expert)
@@ -94,38 +93,12 @@ def check_destinations(
         )
 
 
-def received_local_experts(recv_counts_RE: torch.Tensor, *, num_received: int) -> torch.Tensor:
-    """Local expert id of each received row, given rows arrive by source rank, then by local expert."""
-    num_ranks, num_local_experts_max = recv_counts_RE.shape
-    experts_RE = torch.arange(num_local_experts_max, device=recv_counts_RE.device).repeat(num_ranks)
-    # output_size spares CUDA a device-to-host sync
-    return torch.repeat_interleave(experts_RE, recv_counts_RE.reshape(-1), output_size=num_received)  # [M]
-
-
-def group_by_local_expert(
-    recv_local_expert_M: torch.Tensor, *, num_local_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (permutation_M, counts_e) so `recv_x_MD[permutation_M]` holds each local expert's rows
-    contiguously (expert 0 first, sources in rank order inside each expert), `counts_e` rows apiece.
-
-    Undo it before `combine` with `y_MD = unpermute(y_grouped_MD, permutation_M)`.
-    """
-    if recv_local_expert_M.numel() and int(recv_local_expert_M.max()) >= num_local_experts:
-        raise DispatchError(
-            f"received a row for local expert {int(recv_local_expert_M.max())} "
-            f"but this rank holds {num_local_experts} experts"
-        )
-    permutation_M = torch.argsort(recv_local_expert_M, stable=True)  # [M]
-    counts_e = torch.bincount(recv_local_expert_M, minlength=num_local_experts)  # [e]
-    return permutation_M, counts_e
-
-
 def counts_if_grouped(plan: DispatchPlan, *, num_local_experts: int) -> list[int] | None:
     """Rows per local expert when the received rows are already grouped by local expert, else None.
 
     Rows arrive by source rank, then by local expert; when only one rank sent rows (in this engine only
-    the attention rank sends), they are grouped already and need no `group_by_local_expert` gather (nor
-    its `unpermute` afterwards): for a W2 prefill layer that is two [8192, 1024] copies."""
+    the attention rank sends), they are grouped already and need no regrouping gather (nor its inverse
+    afterwards): for a W2 prefill layer that is two [8192, 1024] copies."""
     sources = [r for r, count in enumerate(plan.output_splits) if count]
     if len(sources) > 1:
         return None
@@ -145,18 +118,3 @@ def unpermute(sorted_ND: torch.Tensor, permutation_N: torch.Tensor) -> torch.Ten
     out_ND = torch.empty_like(sorted_ND)
     out_ND[permutation_N] = sorted_ND
     return out_ND
-
-
-class TokenDispatcher(Protocol):
-    """The transport seam: `AllToAllDispatcher` (EP > 1) and `LocalDispatcher` (EP = 1) implement it."""
-
-    def dispatch(
-        self,
-        x_ND: torch.Tensor,
-        dest_rank_N: torch.Tensor,
-        dest_local_expert_N: torch.Tensor,
-        *,
-        num_local_experts_max: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]: ...
-
-    def combine(self, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor: ...

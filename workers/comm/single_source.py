@@ -1,12 +1,12 @@
 """Dispatch from one source rank in a single collective: the per-expert counts travel with the rows.
 
-`dispatch` exchanges split sizes first, then the rows: two collectives. In this engine only the
-attention rank sends rows (the expert ranks only receive them and send them back), and every rank knows
-from the step header how many tokens the step holds, so the source's rows never exceed
-`capacity = T * K`. The source then sends each receiving rank one byte buffer of fixed size: a header of
-e_max int64 counts (rows per local expert), then room for `capacity` rows of which the first
-sum(counts) are real. Every split is known in advance, so one `all_to_all_single` carries counts and
-rows; `combine` is unchanged (the plan returned here is the one `dispatch` would have made).
+`dispatch_rows` exchanges split sizes first, then the rows: two collectives. In this engine only the
+attention rank sends rows (the expert ranks only receive them and send them back), and the attention rank
+decides each step's capacity once (`fixed_capacity_rows`, at most T * K rows) and sends it to every rank
+in the step header. The source then sends each receiving rank one byte buffer of fixed size: a header of
+e_max int64 counts (rows per local expert), then room for `capacity` rows of which the first sum(counts)
+are real. Every split is known in advance, so one `all_to_all_single` carries counts and rows; `combine`
+is unchanged (the plan returned here is the one `dispatch_rows` would have made).
 
 The price is padding: every receiver is sent room for `capacity` rows. With a single receiver there is
 none (all rows go to it); with several, `fixed_capacity_rows` admits the step only while the padded
@@ -34,17 +34,18 @@ _COUNT_BYTES = 8  # int64
 
 def fixed_capacity_rows(
     *, num_tokens: int, top_k: int, row_bytes: int, num_receivers: int, max_padded_bytes: int
-) -> int | None:
-    """The capacity in rows if a step of num_tokens goes through `dispatch_from_source`, else None.
+) -> int:
+    """The capacity in rows if a step of num_tokens goes through `dispatch_from_source`, else 0 (split sizes
+    first). Only the sender calls it; the step header carries the answer to every other rank.
 
-    Every rank must decide alike, so this depends only on what all ranks know. max_padded_bytes 0 turns
-    the single-collective path off; a single receiver always takes it (it carries no padding)."""
+    max_padded_bytes 0 turns the single-collective path off; a single receiver always takes it (it carries
+    no padding)."""
     capacity = num_tokens * top_k
     if max_padded_bytes <= 0 or capacity == 0:
-        return None
+        return 0
     if num_receivers == 1 or num_receivers * capacity * row_bytes <= max_padded_bytes:
         return capacity
-    return None
+    return 0
 
 
 def dispatch_from_source(
@@ -58,8 +59,7 @@ def dispatch_from_source(
     receivers: tuple[int, ...],
     source: int = 0,
 ) -> tuple[torch.Tensor, DispatchPlan]:
-    """Returns (recv_x_MD, plan): the rows and plan `dispatch` would return (its local expert ids, where a
-    caller needs them, are `received_local_experts(plan.recv_counts_RE, num_received=plan.num_received)`).
+    """Returns (recv_x_MD, plan): the rows and plan `dispatch_rows` would return.
 
     Every rank calls it with the same capacity, receivers and source. The source passes its rows; every
     other rank passes zero rows (of the right D and dtype) and no destinations."""
@@ -116,13 +116,12 @@ def dispatch_step(
     *,
     group: dist.ProcessGroup,
     num_local_experts_max: int,
-    capacity: int | None,
+    capacity: int,
     receivers: tuple[int, ...],
 ) -> tuple[torch.Tensor, DispatchPlan]:
     """The step's dispatch as every rank must run it alike: (recv_x_MD, plan) from `dispatch_from_source`
-    when `fixed_capacity_rows` gave a capacity, from `dispatch` (split sizes first) when it gave None. The
-    received rows' local expert ids are not computed: the expert rank reads its counts from the plan."""
-    if capacity is None:
+    when the step header carries a capacity, from `dispatch_rows` (split sizes first) when it carries 0."""
+    if capacity == 0:
         return dispatch_rows(x_ND, dest_rank_N, dest_local_expert_N, group=group,
                              num_local_experts_max=num_local_experts_max)
     return dispatch_from_source(x_ND, dest_rank_N, dest_local_expert_N, group=group,

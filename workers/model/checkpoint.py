@@ -26,10 +26,6 @@ def expert_tensor_name(layer: int, expert: int, which: str) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{which}.weight"
 
 
-def is_expert_tensor(name: str) -> bool:
-    return ".block_sparse_moe.experts." in name
-
-
 class CheckpointReader:
     """Maps tensor names to files and loads the requested tensors, checking their shapes."""
 
@@ -49,9 +45,6 @@ class CheckpointReader:
         if single_path.exists():
             return {name: single_path for name in _tensor_names(single_path)}
         raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.model_dir}")
-
-    def tensor_names(self) -> list[str]:
-        return sorted(self.file_of_tensor)
 
     def load(
         self,

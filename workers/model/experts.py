@@ -1,6 +1,11 @@
 """SwiGLU expert math over rows already grouped by expert; no routing, no communication.
 
-The raw expert computation: each local expert runs one matmul pair over all of its rows.
+The raw expert computation, with one fast path per situation (the reference loop in
+`workers.model.reference_moe` is the oracle all of them are tested against):
+  - one matmul pair per expert over its rows: packed CPU experts always, stacked experts when padding
+    would waste too much (prefill, uneven routing);
+  - one padded batched matmul pair over all experts: stacked experts with few, even rows (decode);
+  - the compiled fused layer for small in-process steps lives in `workers.model.fused_decode`.
 Shapes: N rows, D model dim, F expert ffn dim, e local experts.
 """
 
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.model.linear import Linear, PackedLinear, can_pack, worth_packing
+from workers.model.linear import Linear, PackedLinear, PlainLinear, can_pack, worth_packing
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,10 @@ class LayerExperts:
     def dtype(self) -> torch.dtype:
         return self.w13_e2FD.dtype
 
+    def linears(self, expert: int) -> tuple[Linear, Linear]:
+        """(w13 [2F, D], w2 [D, F]) of one local expert, as views of the stacked tensors."""
+        return PlainLinear(self.w13_e2FD[expert]), PlainLinear(self.w2_eDF[expert])
+
 
 @dataclass(frozen=True)
 class PackedLayerExperts:
@@ -46,29 +55,16 @@ class PackedLayerExperts:
     def dtype(self) -> torch.dtype:
         return self.w13_e[0].dtype
 
-    def unpacked(self) -> LayerExperts:
-        return LayerExperts(
-            w13_e2FD=torch.stack([w.dense_weight() for w in self.w13_e]),
-            w2_eDF=torch.stack([w.dense_weight() for w in self.w2_e]),
-        )
+    def linears(self, expert: int) -> tuple[Linear, Linear]:
+        return self.w13_e[expert], self.w2_e[expert]
 
 
 ExpertWeights = LayerExperts | PackedLayerExperts
 
 
-def prepare_layer_experts(layer: LayerExperts, *, pack: bool = True, force: bool = False) -> ExpertWeights:
-    """Packed per-expert linears where the device supports it and the experts are big enough to gain (or
-    force is set); the stacked tensors (padded bmm) otherwise."""
-    if not (pack and packs_experts(layer.w13_e2FD.device, layer.dtype, layer.w2_eDF[0].numel(), force=force)):
-        return layer
-    return pack_experts(layer.w13_e2FD.unbind(0), layer.w2_eDF.unbind(0))
-
-
-def packs_experts(
-    device: torch.device | str, dtype: torch.dtype, expert_w2_elements: int, *, force: bool = False
-) -> bool:
+def packs_experts(device: torch.device | str, dtype: torch.dtype, expert_w2_elements: int) -> bool:
     """Packed experts run one matmul pair per expert: worth it once each expert's weights are large."""
-    return can_pack(device, dtype) and (force or worth_packing(expert_w2_elements))
+    return can_pack(device, dtype) and worth_packing(expert_w2_elements)
 
 
 def pack_experts(w13_e2FD: Sequence[torch.Tensor], w2_eDF: Sequence[torch.Tensor]) -> PackedLayerExperts:
@@ -76,53 +72,40 @@ def pack_experts(w13_e2FD: Sequence[torch.Tensor], w2_eDF: Sequence[torch.Tensor
     return PackedLayerExperts(w13_e=tuple(map(PackedLinear, w13_e2FD)), w2_e=tuple(map(PackedLinear, w2_eDF)))
 
 
-def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) for the rows of one expert."""
-    gate_NF, up_NF = (x_ND @ w13_2FD.t()).chunk(2, dim=-1)  # [N, F] each
-    return (F.silu(gate_NF) * up_NF) @ w2_DF.t()  # [N, D]
-
-
 PAD_WASTE_LIMIT = 2.0  # pad to one batched matmul while padding at most doubles the rows
 
 
 def run_grouped_experts(x_ND: torch.Tensor, counts_e: list[int], experts: ExpertWeights) -> torch.Tensor:
-    """Rows of x_ND are grouped by local expert: the first counts_e[0] rows go to expert 0, and so on.
-
-    Packed experts: one packed matmul pair per expert over its rows. Stacked experts with few rows per
-    expert (decode): one batched matmul pair over all experts, rows padded to the largest group; many or
-    very uneven rows: one matmul pair per expert over its rows.
-    """
+    """Rows of x_ND are grouped by local expert: the first counts_e[0] rows go to expert 0, and so on."""
     assert len(counts_e) == experts.num_experts, (
         f"got row counts for {len(counts_e)} experts, the layer holds {experts.num_experts}"
     )
     num_rows = x_ND.shape[0]
     assert sum(counts_e) == num_rows, f"counts sum to {sum(counts_e)}, got {num_rows} rows"
-    if isinstance(experts, PackedLayerExperts):
-        return _packed_experts(x_ND, counts_e, experts)
-    if num_rows and experts.num_experts * max(counts_e) <= PAD_WASTE_LIMIT * num_rows:
+    padded = isinstance(experts, LayerExperts) and num_rows > 0
+    if padded and experts.num_experts * max(counts_e) <= PAD_WASTE_LIMIT * num_rows:
         return _padded_experts(x_ND, counts_e, experts)
+    return _expert_by_expert(x_ND, counts_e, experts)
+
+
+def _expert_by_expert(x_ND: torch.Tensor, counts_e: list[int], experts: ExpertWeights) -> torch.Tensor:
+    """One matmul pair per expert over its rows. Serves packed experts (oneDNN reads each packed weight once:
+    one W2 layer's 8 experts at 8 rows, 14 ms against 28-52 ms for sgemm; docs/PERFORMANCE.md) and stacked
+    experts whose rows are too many or too uneven to pad."""
     out_ND = torch.empty_like(x_ND)
     start = 0
     for local_expert, count in enumerate(counts_e):
         if count:
-            rows = slice(start, start + count)
-            out_ND[rows] = swiglu_expert(x_ND[rows], experts.w13_e2FD[local_expert], experts.w2_eDF[local_expert])
+            w13, w2 = experts.linears(local_expert)
+            gate_NF, up_NF = w13(x_ND[start : start + count]).chunk(2, dim=-1)  # [count, F] each
+            out_ND[start : start + count] = w2(F.silu(gate_NF) * up_NF)  # [count, D]
         start += count
     return out_ND
 
 
-def _packed_experts(x_ND: torch.Tensor, counts_e: list[int], experts: PackedLayerExperts) -> torch.Tensor:
-    outputs = []
-    start = 0
-    for local_expert, count in enumerate(counts_e):
-        if count:
-            gate_NF, up_NF = experts.w13_e[local_expert](x_ND[start : start + count]).chunk(2, dim=-1)
-            outputs.append(experts.w2_e[local_expert](F.silu(gate_NF) * up_NF))  # [count, D]
-        start += count
-    return torch.cat(outputs) if outputs else torch.empty_like(x_ND)
-
-
 def _padded_experts(x_ND: torch.Tensor, counts_e: list[int], experts: LayerExperts) -> torch.Tensor:
+    """One batched matmul pair over all experts, rows padded to the largest group: stacked experts (CUDA, and
+    CPU experts under 2^18 weights) at decode's few rows per expert, where one call beats e small ones."""
     num_experts, longest = experts.num_experts, max(counts_e)
     counts = torch.tensor(counts_e, device=x_ND.device)
     expert_N = torch.repeat_interleave(torch.arange(num_experts, device=x_ND.device), counts)  # [N]
@@ -139,21 +122,14 @@ def local_moe(
     x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
     """The EP=1 path: all experts are local. Sort the T*K rows by expert, run, unsort, weight, sum."""
-    num_tokens, top_k = topk_ids_TK.shape
+    top_k = topk_ids_TK.shape[1]
     flat_ids_N = topk_ids_TK.reshape(-1)  # [N = T*K]
     order_N = torch.argsort(flat_ids_N, stable=True)
     counts_e = torch.bincount(flat_ids_N, minlength=experts.num_experts).tolist()
     x_sorted_ND = x_TD[order_N // top_k]  # row n of the sorted order comes from token order[n] // K
     y_sorted_ND = run_grouped_experts(x_sorted_ND, counts_e, experts)
-    return weighted_combine(y_sorted_ND, order_N, topk_weights_TK, num_tokens)
-
-
-def weighted_combine(
-    y_sorted_ND: torch.Tensor, order_N: torch.Tensor, topk_weights_TK: torch.Tensor, num_tokens: int
-) -> torch.Tensor:
-    """Undo the sort, then weight and sum each token's K rows."""
     y_ND = torch.empty_like(y_sorted_ND)
-    y_ND[order_N] = y_sorted_ND
+    y_ND[order_N] = y_sorted_ND  # back to (token, k) order
     return weight_and_sum(y_ND, topk_weights_TK)
 
 

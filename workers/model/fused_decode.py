@@ -1,4 +1,6 @@
-"""torch.compile'd layer segments for small steps (decode), around the eager paged attention.
+"""torch.compile'd layer segments for small steps (decode), around the eager paged attention: the MoE path
+for small steps with every (small) expert in-process, opt-in with --compile (W1 offline 1.02x -> 1.41x
+transformers in-process; docs/PERFORMANCE.md).
 
 An eager decode layer runs ~60 small ops, most of them elementwise (RMSNorm, RoPE, routing, SwiGLU,
 the weighted sum); on a small model their dispatch, not their arithmetic, is the step's cost. Each
@@ -103,7 +105,3 @@ class FusedSegments:
 def compile_segments() -> FusedSegments:
     return FusedSegments(pre=torch.compile(pre_attention), post=torch.compile(post_attention))
 
-
-def eager_segments() -> FusedSegments:
-    """The same segments uncompiled: the numerics reference for tests."""
-    return FusedSegments(pre=pre_attention, post=post_attention)

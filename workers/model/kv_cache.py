@@ -66,10 +66,6 @@ class KVCachePool:
         self._free = list(range(spec.num_blocks - 1, -1, -1))
 
     @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.spec.num_blocks
 
@@ -88,12 +84,3 @@ class KVCachePool:
         self._free.extend(reversed(seq.blocks))
         seq.blocks.clear()
         seq.num_cached = 0
-
-    def slots(self, seq: SequenceBlocks, start: int, end: int) -> torch.Tensor:
-        """Flat slot indices (block * S + offset) holding absolute positions [start, end) of seq."""
-        size = self.spec.block_size
-        positions = torch.arange(start, end)
-        if self.spec.sliding_window is not None:
-            positions = positions % (len(seq.blocks) * size)
-        blocks = torch.tensor(seq.blocks, dtype=torch.int64)
-        return blocks[positions // size] * size + positions % size

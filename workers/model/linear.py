@@ -21,8 +21,6 @@ PACK_MIN_ELEMENTS = 1 << 18
 
 
 class Linear(Protocol):
-    out_features: int
-    in_features: int
     dtype: torch.dtype
 
     def __call__(self, x_NI: torch.Tensor) -> torch.Tensor: ...
@@ -51,7 +49,6 @@ class PackedLinear:
 
     def __init__(self, w_OI: torch.Tensor) -> None:
         assert w_OI.dim() == 2, f"a linear weight is 2-D, got shape {tuple(w_OI.shape)}"
-        self.out_features, self.in_features = w_OI.shape
         self.dtype = w_OI.dtype
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w_OI.contiguous(), None)
 
@@ -65,7 +62,6 @@ class PackedLinear:
 class PlainLinear:
     def __init__(self, w_OI: torch.Tensor) -> None:
         assert w_OI.dim() == 2, f"a linear weight is 2-D, got shape {tuple(w_OI.shape)}"
-        self.out_features, self.in_features = w_OI.shape
         self.dtype = w_OI.dtype
         self.w_OI = w_OI
 
@@ -76,9 +72,9 @@ class PlainLinear:
         return self.w_OI
 
 
-def prepare_linear(w_OI: torch.Tensor, *, pack: bool = True, force: bool = False) -> Linear:
-    """The packed form where the device supports it and the weight is big enough to gain (or force is set),
-    the plain weight otherwise or when pack is off."""
-    if pack and can_pack(w_OI.device, w_OI.dtype) and (force or worth_packing(w_OI.numel())):
+def prepare_linear(w_OI: torch.Tensor) -> Linear:
+    """The packed form where the device supports it and the weight is big enough to gain, the plain weight
+    otherwise."""
+    if can_pack(w_OI.device, w_OI.dtype) and worth_packing(w_OI.numel()):
         return PackedLinear(w_OI)
     return PlainLinear(w_OI)

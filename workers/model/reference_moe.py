@@ -1,11 +1,20 @@
-"""The plain reference MoE loop (after mistral-inference): the oracle for every fast path.
+"""Test oracle: the plain reference MoE loop (after mistral-inference), against which every fast MoE path
+(`workers.model.experts`, `workers.model.fused_decode`) is checked. No serving code calls it.
 
 Deliberately simple and slow: for each expert, find the (token, slot) pairs routed to it.
+Shapes: T tokens, D model dim, F expert ffn dim, K experts per token.
 """
 
 import torch
+import torch.nn.functional as F
 
-from workers.model.experts import LayerExperts, swiglu_expert
+from workers.model.experts import LayerExperts
+
+
+def swiglu_expert(x_ND: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for the rows of one expert."""
+    gate_NF, up_NF = (x_ND @ w13_2FD.t()).chunk(2, dim=-1)  # [N, F] each
+    return (F.silu(gate_NF) * up_NF) @ w2_DF.t()  # [N, D]
 
 
 def reference_moe(

@@ -74,9 +74,9 @@ def expert_tensor_shapes(cfg: ModelConfig, expert_ids: tuple[int, ...]) -> dict[
 
 
 def load_dense_weights(
-    reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str, pack: bool = True
+    reader: CheckpointReader, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str
 ) -> DenseWeights:
-    """pack: matmul weights in oneDNN's layout where the device supports it (see workers.model.linear)."""
+    """Matmul weights in oneDNN's layout where the device supports it (see workers.model.linear)."""
     shapes = dense_tensor_shapes(cfg)
     t = reader.load(shapes, dtype=dtype, device=device)
     layers = []
@@ -86,8 +86,8 @@ def load_dense_weights(
         layers.append(
             LayerWeights(
                 input_norm_D=t[f"{p}.input_layernorm.weight"],
-                qkv_proj=prepare_linear(wqkv, pack=pack),
-                o_proj=prepare_linear(t[f"{p}.self_attn.o_proj.weight"], pack=pack),
+                qkv_proj=prepare_linear(wqkv),
+                o_proj=prepare_linear(t[f"{p}.self_attn.o_proj.weight"]),
                 post_norm_D=t[f"{p}.post_attention_layernorm.weight"],
                 gate_ED=t[f"{p}.block_sparse_moe.gate.weight"],
             )
@@ -97,7 +97,7 @@ def load_dense_weights(
         embed_VD=embed,
         layers=tuple(layers),
         final_norm_D=t["model.norm.weight"],
-        lm_head=prepare_linear(embed if cfg.tie_word_embeddings else t["lm_head.weight"], pack=pack),
+        lm_head=prepare_linear(embed if cfg.tie_word_embeddings else t["lm_head.weight"]),
         tensor_names=tuple(shapes),
     )
 
@@ -109,15 +109,15 @@ def load_expert_shard(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
-    pack: bool = True,
 ) -> ExpertShard:
-    """pack: one oneDNN-packed linear per expert where the device supports it, else stacked tensors."""
+    """One oneDNN-packed linear per expert where the device supports it and they are big enough to gain,
+    else stacked tensors."""
     bad = [e for e in expert_ids if not 0 <= e < cfg.num_local_experts]
     if bad:
         raise ValueError(f"expert id {bad[0]} is outside [0, {cfg.num_local_experts})")
     shapes = expert_tensor_shapes(cfg, expert_ids)
     t = reader.load(shapes, dtype=dtype, device=device)
-    packed = pack and packs_experts(device, dtype, cfg.hidden_size * cfg.intermediate_size)
+    packed = packs_experts(device, dtype, cfg.hidden_size * cfg.intermediate_size)
     layers: list[ExpertWeights] = []
     for layer in range(cfg.num_hidden_layers):
         w13 = [

@@ -3,9 +3,8 @@ experts (one matmul pair per expert over all its rows, which arrive grouped by e
 rank sends), and send the rows back.
 
 Driven entirely by the collectives of the attention rank; knows nothing of requests or tokens. Rows
-arrive the way the attention rank sent them: with their counts in one collective for small steps (and
-every step with one expert rank), after a split-size exchange otherwise; both decide alike from the
-step header's token count.
+arrive the way the attention rank chose to send them, which the step header says: with their counts in
+one collective sized for `capacity_rows` rows, or after a split-size exchange when it is 0.
 Shapes: M rows received, D model dim, e local experts.
 """
 
@@ -14,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from workers.comm import combine, counts_if_grouped, dispatch_step, fixed_capacity_rows
+from workers.comm import combine, counts_if_grouped, dispatch_step
 from workers.comm.errors import DispatchError
 from workers.model.experts import run_grouped_experts
 from workers.model.weights import ExpertShard
@@ -25,15 +24,13 @@ from workers.runtime.timing import StepTimings
 class ExpertRank:
     def __init__(
         self, shard: ExpertShard, *, group: dist.ProcessGroup, device: torch.device, max_local_experts: int,
-        hidden_size: int, top_k: int, single_collective_max_bytes: int,
+        hidden_size: int,
     ) -> None:
         self.shard = shard
         self.group = group
         self.device = device
         self.max_local_experts = max_local_experts
         self.hidden_size = hidden_size
-        self.top_k = top_k
-        self.single_collective_max_bytes = single_collective_max_bytes
         self.receivers = tuple(range(1, dist.get_world_size(group)))
         self.dtype = shard.layers[0].dtype
         self.timings = StepTimings()
@@ -47,16 +44,11 @@ class ExpertRank:
             if header.command is Command.STOP:
                 return
             if header.command is Command.STEP:
-                capacity = fixed_capacity_rows(
-                    num_tokens=header.num_tokens, top_k=self.top_k,
-                    row_bytes=self.hidden_size * self.dtype.itemsize, num_receivers=len(self.receivers),
-                    max_padded_bytes=self.single_collective_max_bytes,
-                )
                 for layer in range(len(self.shard.layers)):
-                    self._layer(layer, capacity)
+                    self._layer(layer, header.capacity_rows)
                 self.steps += 1
 
-    def _layer(self, layer: int, capacity: int | None) -> None:
+    def _layer(self, layer: int, capacity: int) -> None:
         nothing_ND = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
         no_ids_N = torch.empty(0, dtype=torch.int64, device=self.device)
         with self.timings.phase("dispatch"):
