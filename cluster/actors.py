@@ -1,9 +1,10 @@
 """Ray actors: ExpertWorker holds one worker's experts and runs the expert rank loop; Coordinator holds
 the dense weights and the engine (the attention rank, rank 0 of the expert-parallel group).
 
-Lifecycle: cheap __init__, load() reads weights, join_group() forms the process group with the peers
-(called on all ranks at once), then run() / start_engine(). Errors name the worker. Each actor does its
-torch work on one thread of its own (`TorchThread`), whichever Ray thread calls the method.
+Lifecycle: cheap __init__ (applies the rank's CPU share, cluster.cpu_tuning), load() reads weights, then
+all ranks at once form the process group: the workers' join_group() and run(), the coordinator's start()
+(which starts the engine loop). Errors name the worker. Each actor does its torch work on one thread of
+its own (`TorchThread`), whichever Ray thread calls the method. info() and stats() are for operators.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import ray
 import torch
 
+from cluster.cpu_tuning import RankCpu
 from cluster.engine import LLMEngine
 from cluster.engine_loop import EngineLoop
-from cluster.errors import WorkerUnavailable
+from cluster.errors import WorkerStartError, WorkerUnavailable
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
-from cluster.settings import threads_after_reserve
 from cluster.torch_thread import TorchThread
 from cluster.update_channel import ChannelAddress
 from workers.comm import ProcessGroupHandle, create_group, free_port
@@ -35,50 +35,35 @@ from workers.runtime.expert_rank import ExpertRank
 from workers.runtime.local_build import assemble_attention_rank
 
 
-class WorkerStartError(RuntimeError):
-    """An expert worker (or the coordinator) could not load its weights or join the group."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class RankSettings:
     model_dir: Path
     dtype: torch.dtype
     device: str  # "cpu" or "cuda" (the actor's one visible GPU)
-    threads: int | None  # None: this host's cores divided by the ranks placed on it
     backend: str
     collective_timeout_s: float
     compile_small_steps: bool = False  # the coordinator's, when it holds every expert (EngineSettings)
 
 
-def bind_collectives_to_node_interface() -> str | None:
-    """gloo (and NCCL's bootstrap) bind to the hostname's address unless told an interface; point them at
-    the interface holding this node's Ray address, so ranks on different hosts can reach each other.
-    Called at the start of each rank process (an entry point), before the group forms."""
-    ip = ray.util.get_node_ip_address()
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.address == ip for a in addresses):
-            os.environ["GLOO_SOCKET_IFNAME"] = name
-            os.environ["NCCL_SOCKET_IFNAME"] = name
-            return name
-    return None
+@dataclass(frozen=True, kw_only=True)
+class RankInfo:
+    """What an operator (the serve log) or the bench wants to know of a rank process."""
+
+    pid: int
+    node_ip: str
+    torch_threads: int
+    tensor_names: tuple[str, ...]  # every weight tensor the process loaded from the checkpoint
+    cpu_seconds: float  # process CPU time so far (every thread: torch's, gloo's, Ray's)
 
 
-def set_threads(settings: RankSettings, ranks_on_host: int, reserved_cpus: int = 0) -> int:
-    """settings.threads, or this host's cores split among its ranks; reserved_cpus fewer (at least 1) on a
-    host whose cores a gateway also needs."""
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, ranks_on_host))
-    threads = threads_after_reserve(threads, reserved_cpus)
-    torch.set_num_threads(threads)
-    return threads
+def _rank_info(threads: int, tensor_names: list[str]) -> RankInfo:
+    return RankInfo(pid=os.getpid(), node_ip=ray.util.get_node_ip_address(), torch_threads=threads,
+                    tensor_names=tuple(tensor_names), cpu_seconds=time.process_time())
 
 
 class ExpertWorker:
-    def __init__(
-        self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, ranks_on_host: int,
-        reserved_cpus: int = 0,
-    ) -> None:
-        self.threads = set_threads(settings, ranks_on_host, reserved_cpus)
-        self.interface = bind_collectives_to_node_interface()
+    def __init__(self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, cpu: RankCpu) -> None:
+        self.threads = cpu.apply()
         self.name = f"expert worker {worker_index} (experts {','.join(map(str, expert_ids))})"
         self.worker_index = worker_index
         self.expert_ids = expert_ids
@@ -89,19 +74,10 @@ class ExpertWorker:
         self.cfg: ModelConfig | None = None
         self.torch_thread = TorchThread()
 
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
+    def load(self) -> None:
+        self.torch_thread.call(self._load)
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def torch_threads(self) -> int:
-        return self.threads
-
-    def load(self) -> list[str]:
-        return self.torch_thread.call(self._load)
-
-    def _load(self) -> list[str]:
+    def _load(self) -> None:
         try:
             self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
             reader = CheckpointReader(self.settings.model_dir)
@@ -110,7 +86,6 @@ class ExpertWorker:
             )
         except Exception as exc:
             raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
-        return list(self.shard.tensor_names)
 
     def join_group(self, init_method: str, parallel: ParallelConfig) -> None:
         self.torch_thread.call(self._join_group, init_method, parallel)
@@ -127,8 +102,7 @@ class ExpertWorker:
             raise WorkerStartError(f"{self.name} could not join the group at {init_method}: {exc}") from exc
         self.rank = ExpertRank(
             self.shard, group=self.group.group, device=self.group.device, max_local_experts=parallel.max_local_experts,
-            hidden_size=self.cfg.hidden_size, top_k=self.cfg.num_experts_per_tok,
-            single_collective_max_bytes=parallel.single_collective_max_bytes,
+            hidden_size=self.cfg.hidden_size,
         )
 
     def run(self) -> int:
@@ -145,12 +119,8 @@ class ExpertWorker:
             if self.group is not None:
                 self.group.destroy()
 
-    def inventory(self) -> list[str]:
-        return list(self.shard.tensor_names) if self.shard else []
-
-    def cpu_seconds(self) -> float:
-        """This process's CPU seconds so far (every thread: torch's, gloo's, Ray's)."""
-        return time.process_time()
+    def info(self) -> RankInfo:
+        return _rank_info(self.threads, list(self.shard.tensor_names) if self.shard else [])
 
     def stats(self) -> dict:
         assert self.rank is not None
@@ -163,11 +133,9 @@ class Coordinator:
     (`parallel` is None) it also holds every expert and runs them in-process."""
 
     def __init__(
-        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, ranks_on_host: int,
-        reserved_cpus: int = 0,
+        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, cpu: RankCpu
     ) -> None:
-        self.threads = set_threads(settings, ranks_on_host, reserved_cpus)
-        self.interface = bind_collectives_to_node_interface()
+        self.threads = cpu.apply()
         self.settings = settings
         self.parallel = parallel
         self.scheduler = scheduler
@@ -179,12 +147,6 @@ class Coordinator:
         self.local_shard: ExpertShard | None = None
         self.torch_thread = TorchThread()
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def torch_threads(self) -> int:
-        return self.threads
-
     def compiled_step_tokens(self) -> int:
         """The largest step (tokens) that runs compiled layers; 0 when every step runs eagerly."""
         fused = self._started_loop().engine.rank.fused
@@ -194,11 +156,11 @@ class Coordinator:
         ip = ray.util.get_node_ip_address()
         return f"tcp://{ip}:{free_port(ip)}"
 
-    def load(self) -> list[str]:
+    def load(self) -> None:
         """Reads the dense weights (and every expert when there are no expert workers)."""
-        return self.torch_thread.call(self._load)
+        self.torch_thread.call(self._load)
 
-    def _load(self) -> list[str]:
+    def _load(self) -> None:
         device = _device(self.settings)
         try:
             self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
@@ -211,7 +173,6 @@ class Coordinator:
                 )
         except Exception as exc:
             raise WorkerStartError(f"coordinator failed to load its weights: {exc}") from exc
-        return self.inventory()
 
     def start(self, init_method: str | None, kv_blocks: int, block_size: int) -> None:
         """Joins the expert-parallel group (all ranks at once) and starts the engine loop."""
@@ -235,20 +196,19 @@ class Coordinator:
                 )
             except Exception as exc:
                 raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
-            self.experts = DistributedExperts(self.parallel, group=self.group.group, device=self.group.device)
+            self.experts = DistributedExperts(
+                self.parallel, group=self.group.group, device=self.group.device, top_k=self.cfg.num_experts_per_tok,
+                row_bytes=self.cfg.hidden_size * self.settings.dtype.itemsize,
+            )
             keepalive = self.experts.keepalive
         rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size,
                                        compile_small_steps=self.settings.compile_small_steps)
         self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
 
-    def cpu_seconds(self) -> float:
-        """This process's CPU seconds so far (every thread: the engine loop's, torch's, gloo's, Ray's)."""
-        return time.process_time()
-
-    def inventory(self) -> list[str]:
+    def info(self) -> RankInfo:
         names = list(self.dense.tensor_names) if self.dense else []
-        return names + (list(self.local_shard.tensor_names) if self.local_shard else [])
+        return _rank_info(self.threads, names + (list(self.local_shard.tensor_names) if self.local_shard else []))
 
     def _started_loop(self) -> EngineLoop:
         if self.loop is None:

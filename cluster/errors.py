@@ -23,3 +23,7 @@ class Overloaded(MixServeError):
 
 class WorkerUnavailable(MixServeError):
     """An expert worker died or a collective timed out; the requests it touched are lost."""
+
+
+class WorkerStartError(RuntimeError):
+    """An expert worker (or the coordinator) could not load its weights or join the group."""

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from cluster.gateway.server import Gateway, GatewayOptions
+from cluster.rank_introspection import compiled_step_tokens, describe_ranks
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.ray_session import ray_session
 from cluster.scheduler import SchedulerConfig
@@ -19,8 +20,10 @@ async def _serve(engine: RayExpertParallelEngine, options: GatewayOptions) -> No
     gateway = Gateway(engine, options)
     await gateway.start()
     gateway.install_signal_handlers()
+    for line in describe_ranks(engine):
+        log.info("%s", line)
     if engine.settings.compile_small_steps:
-        compiled = engine.compiled_step_tokens()
+        compiled = compiled_step_tokens(engine)
         print(f"mixserve: steps of up to {compiled} tokens run compiled layers" if compiled else
               "mixserve: --compile has no effect here (it needs in-process experts small enough to gather)",
               flush=True)

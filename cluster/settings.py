@@ -11,11 +11,6 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "mixserve-t
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def threads_after_reserve(threads: int, reserved_cpus: int) -> int:
-    """Torch threads of a rank that leaves reserved_cpus of its host to the gateway (at least 1)."""
-    return max(1, threads - reserved_cpus)
-
-
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

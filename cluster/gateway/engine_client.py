@@ -82,7 +82,7 @@ class EngineClient:
     async def _poll(self) -> None:
         while True:
             try:
-                updates, stats = await asyncio.to_thread(self.engine.drain_with_stats, self.poll_timeout_s)
+                updates, stats = await asyncio.to_thread(self.engine.drain, self.poll_timeout_s)
             except Exception as exc:  # the coordinator died or is being replaced: in-flight requests are lost
                 log.warning("reading updates failed (%s: %s); failing %d in-flight requests", type(exc).__name__, exc,
                             len(self.streams))

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from cluster.cpu_tuning import CpuPolicy
 from cluster.gateway.server import Gateway, GatewayOptions
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.scheduler import SchedulerConfig
@@ -25,7 +26,9 @@ class RunningGateway:
         settings = EngineSettings(model_dir=model_dir, device=torch.device("cpu"), dtype=torch.float32,
                                   kv_cache_bytes=kv_cache_bytes)
         self.engine = RayExpertParallelEngine(
-            settings, ClusterOptions(num_workers=workers, threads_per_rank=1, collective_timeout_s=15), scheduler
+            settings,
+            ClusterOptions(num_workers=workers, cpu=CpuPolicy(threads_per_rank=1), collective_timeout_s=15),
+            scheduler,
         )
         self.options = options or GatewayOptions(port=0, metrics_port=0, grace_s=5)
         self.loop = asyncio.new_event_loop()

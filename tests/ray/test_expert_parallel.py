@@ -13,16 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.actors import WorkerStartError
 from cluster.allocator import MallocSettings
+from cluster.cpu_tuning import CpuPolicy
 from cluster.engine import LLMEngine
-from cluster.errors import WorkerUnavailable
-from cluster.placement import contiguous_placement
+from cluster.errors import WorkerStartError, WorkerUnavailable
+from cluster.rank_introspection import compiled_step_tokens, rank_infos, worker_stats
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.requests import GenerationRequest
 from cluster.settings import EngineSettings
 from tests.reference import hf_greedy, load_hf
-from workers.model.checkpoint import is_expert_tensor
+from workers.config import ParallelConfig
 from workers.model.weights import expert_tensor_shapes
 from workers.runtime.local_build import build_attention_rank
 
@@ -35,7 +35,7 @@ def _settings(model_dir) -> EngineSettings:
 
 def _engine(model_dir, workers: int, **options) -> RayExpertParallelEngine:
     return RayExpertParallelEngine(
-        _settings(model_dir), ClusterOptions(num_workers=workers, threads_per_rank=1, **options)
+        _settings(model_dir), ClusterOptions(num_workers=workers, cpu=CpuPolicy(threads_per_rank=1), **options)
     )
 
 
@@ -62,7 +62,7 @@ def test_greedy_tokens_equal_in_process_and_transformers(ray_cluster, tiny8, pro
     with _engine(tiny8, workers) as engine:
         results = engine.generate(_requests(prompts))
         assert [r.token_ids for r in results] == expected
-        stats = engine.worker_stats()
+        stats = worker_stats(engine)
     if workers:
         routed = sum(sum(map(sum, s["rows_per_local_expert"])) for s in stats)
         tokens = sum(len(p) + 16 - 1 for p in prompts)  # every token but the last sampled one goes through
@@ -77,9 +77,10 @@ def test_compiled_small_steps_keep_the_tokens(ray_cluster, tiny8, prompts_and_re
     prompts, expected = prompts_and_reference
     settings = EngineSettings(model_dir=tiny8, device=CPU, dtype=torch.float32, kv_cache_bytes=8 * 2**20,
                               compile_small_steps=True)
-    with RayExpertParallelEngine(settings, ClusterOptions(num_workers=workers, threads_per_rank=1)) as engine:
+    options = ClusterOptions(num_workers=workers, cpu=CpuPolicy(threads_per_rank=1))
+    with RayExpertParallelEngine(settings, options) as engine:
         assert [r.token_ids for r in engine.generate(_requests(prompts))] == expected
-        compiled = engine.compiled_step_tokens()
+        compiled = compiled_step_tokens(engine)
     assert (compiled >= 32) if workers == 0 else (compiled == 0)
 
 
@@ -88,10 +89,10 @@ def test_each_worker_holds_only_its_experts(ray_cluster, tiny8):
     from workers.config import ModelConfig
 
     cfg = ModelConfig.from_model_dir(tiny8)
-    placement = contiguous_placement(cfg.num_local_experts, 3)  # uneven: 3, 3, 2 experts
+    placement = ParallelConfig.contiguous(num_experts=cfg.num_local_experts, num_workers=3)  # uneven: 3, 3, 2
     with _engine(tiny8, 3) as engine:
-        inventories = engine.inventories()
-    assert not [n for n in inventories["coordinator"] if is_expert_tensor(n)]
+        inventories = {name: info.tensor_names for name, info in rank_infos(engine).items()}
+    assert not [n for n in inventories["coordinator"] if ".block_sparse_moe.experts." in n]
     assert len(inventories["coordinator"]) > 0
     for w in range(3):
         expected = set(expert_tensor_shapes(cfg, placement.experts_of_worker(w)))
@@ -104,10 +105,12 @@ def test_rank_cpu_seconds_are_each_ranks_own_process_time(ray_cluster, tiny8):
     """What `bench serve` reports per process: one reading per rank, taken in that rank's process, growing
     with the work it does, and bounded by the host's cores over the elapsed time."""
     with _engine(tiny8, 2) as engine:
-        pids = set(engine.pids().values())
-        before, start = engine.rank_cpu_seconds(), time.monotonic()
+        infos = rank_infos(engine)
+        pids = {info.pid for info in infos.values()}
+        before, start = {name: info.cpu_seconds for name, info in infos.items()}, time.monotonic()
         engine.generate(_requests([[3, 4, 5, 6] * 8] * 4, n=24))
-        after, elapsed = engine.rank_cpu_seconds(), time.monotonic() - start
+        after = {name: info.cpu_seconds for name, info in rank_infos(engine).items()}
+        elapsed = time.monotonic() - start
     assert len(pids) == 3 and set(before) == set(after) == {"coordinator", "worker 0", "worker 1"}
     used = [after[rank] - before[rank] for rank in before]
     assert all(u > 0 for u in used), used
@@ -133,7 +136,7 @@ def test_bad_path_names_the_worker(ray_cluster, tiny_checkpoints, tmp_path):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     victim = index["weight_map"]["model.layers.0.block_sparse_moe.experts.7.w2.weight"]
     for name, file in index["weight_map"].items():
-        if file == victim and not is_expert_tensor(name):
+        if file == victim and ".block_sparse_moe.experts." not in name:
             pytest.fail(f"test setup: shard {victim} also holds dense tensor {name}")
     (sharded / victim).rename(sharded / "moved.safetensors")
     with pytest.raises(WorkerStartError, match=rf"expert worker 3 \(experts 6,7\).*{victim}"):
@@ -149,8 +152,8 @@ def test_killed_worker_ends_the_request_with_an_error_not_a_hang(ray_cluster, ti
     try:
         long_prompts = [[5] * 10, [7] * 30]
         for request in _requests(long_prompts, n=200):
-            engine.submit(request)
-        first = engine.drain(30.0)
+            ray.get(engine.submit_ref(request))
+        first, _ = engine.drain(30.0)
         assert first, "generation did not start"
         ray.kill(engine.workers[1], no_restart=True)
         killed_at = time.monotonic()
@@ -158,7 +161,7 @@ def test_killed_worker_ends_the_request_with_an_error_not_a_hang(ray_cluster, ti
             _collect_until_error(engine, timeout_s=60)
         assert time.monotonic() - killed_at < 30
         with pytest.raises(WorkerUnavailable):
-            engine.submit(_requests([[1, 2, 3]])[0])
+            engine.generate(_requests([[1, 2, 3]]))
     finally:
         engine.shutdown()
     _assert_no_mixserve_actors(ray_cluster)
@@ -167,7 +170,7 @@ def test_killed_worker_ends_the_request_with_an_error_not_a_hang(ray_cluster, ti
 def _collect_until_error(engine, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for update in engine.drain(1.0):
+        for update in engine.drain(1.0)[0]:
             if update.error:
                 raise WorkerUnavailable(f"request {update.request_id} lost: {update.error}")
     raise AssertionError("no error within the timeout")
@@ -183,7 +186,7 @@ def test_shutdown_leaves_no_actor_group_or_port(ray_cluster, tiny8):
     host, port = engine.rendezvous.removeprefix("tcp://").rsplit(":", 1)
     engine.generate(_requests([[3, 4, 5]], n=4))
     assert not _nothing_listens(host, int(port), timeout_s=0.2), "the group's store should listen while running"
-    environs = {name: psutil.Process(pid).environ() for name, pid in engine.pids().items()}
+    environs = {name: psutil.Process(info.pid).environ() for name, info in rank_infos(engine).items()}
     spin_counts = {name: env.get("GOMP_SPINCOUNT") for name, env in environs.items()}
     assert set(spin_counts.values()) == {"100"}, f"ranks sharing this host should spin briefly: {spin_counts}"
     for name, env in environs.items():
@@ -224,14 +227,14 @@ def _assert_no_mixserve_actors(ray, timeout_s: float = 20.0) -> None:
 def test_ranks_on_the_drivers_host_leave_reserved_cpus_to_it(ray_cluster, tiny8, threads_per_rank, reserved):
     """`mixserve serve` reserves a CPU for its gateway: every rank on the driver's host runs that many fewer
     torch threads than it would otherwise (at least one), with explicit and automatic thread counts."""
-    engine = RayExpertParallelEngine(
-        _settings(tiny8), ClusterOptions(num_workers=1, threads_per_rank=threads_per_rank, reserved_cpus=reserved)
-    )
+    cpu = CpuPolicy(threads_per_rank=threads_per_rank, reserved_cpus=reserved)
+    engine = RayExpertParallelEngine(_settings(tiny8), ClusterOptions(num_workers=1, cpu=cpu))
     engine.start()
     try:
         base = threads_per_rank or psutil.cpu_count()
         expected = max(1, base - reserved)
-        assert engine.torch_threads() == {"coordinator": expected, "worker 0": expected}
+        threads = {name: info.torch_threads for name, info in rank_infos(engine).items()}
+        assert threads == {"coordinator": expected, "worker 0": expected}
         (result,) = engine.generate(_requests([[3, 4, 5]], n=4))
         assert len(result.token_ids) == 4
     finally:

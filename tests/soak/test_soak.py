@@ -34,6 +34,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cluster.rank_introspection import rank_infos
 from cluster.scheduler import SchedulerConfig
 from protos import mixserve_pb2 as pb
 from protos import mixserve_pb2_grpc as pb_grpc
@@ -162,7 +163,8 @@ def test_soak_many_streams_no_errors_flat_memory_empty_cache(soak_server):
     streams = int(os.environ.get("MIXSERVE_SOAK_STREAMS", DEFAULT_STREAMS))
     warmup_s = min(WARMUP_S, seconds / 4)
     server, vocab = soak_server, soak_server.engine.cfg.vocab_size
-    pids = {"gateway (test process)": os.getpid(), **server.engine.pids()}
+    ranks = {name: info.pid for name, info in rank_infos(server.engine).items()}
+    pids = {"gateway (test process)": os.getpid(), **ranks}
     assert_still_serving(server)
     channels = [grpc.insecure_channel(server.target) for _ in range(CHANNELS)]
     stubs = [pb_grpc.MixServeStub(c) for c in channels]
