@@ -81,10 +81,16 @@ class UpdateReceiver:
 
 
 def unwrap(ref):
-    """ray.get that raises the remote method's own exception, and WorkerUnavailable for a dead actor."""
+    """ray.get that raises what `coordinator_error` makes of a failed call."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        raise (exc.cause if exc.cause else exc) from None
-    except ray.exceptions.RayActorError as exc:
-        raise WorkerUnavailable(f"the coordinator is gone: {exc}") from exc
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+        raise coordinator_error(exc) from None
+
+
+def coordinator_error(exc: ray.exceptions.RayError) -> Exception:
+    """What a caller of the coordinator sees: the method's own typed error (InvalidRequest, Overloaded, ...),
+    or WorkerUnavailable when the actor is gone."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return WorkerUnavailable(f"the coordinator is gone: {exc}")
+    return exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc

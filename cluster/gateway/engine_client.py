@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import ray
 
-from cluster.errors import InvalidRequest, MixServeError, WorkerUnavailable
+from cluster.errors import InvalidRequest, MixServeError
 from cluster.gateway.metrics import GatewayMetrics
 from cluster.ray_engine import RayExpertParallelEngine
 from cluster.requests import GenerationRequest, SequenceUpdate
+from cluster.update_receiver import coordinator_error
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,5 @@ async def _call(ref):
     """Awaits a Ray call, re-raising the coordinator's own typed error."""
     try:
         return await ref
-    except ray.exceptions.RayTaskError as exc:
-        raise (exc.cause if exc.cause else exc) from None
-    except ray.exceptions.RayActorError as exc:
-        raise WorkerUnavailable(f"the coordinator is gone: {exc}") from exc
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+        raise coordinator_error(exc) from None
