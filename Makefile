@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
-# Plus the test-only dependencies (transformers as the oracle, linters, codegen, deploy validators).
+# Plus the test-only dependencies (the bench extra: transformers as the oracle, matplotlib, tqdm; linters, codegen,
+# deploy validators).
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(TEST_STAMP)

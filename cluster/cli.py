@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from cluster.actors import WorkerStartError
 from cluster.allocator import MallocSettings
-from cluster.bench.cli import add_bench_parser, run_bench
+from cluster.cpu_tuning import CpuPolicy
 from cluster.engine_factory import build_local_engine
-from cluster.errors import MixServeError
+from cluster.errors import MixServeError, WorkerStartError
 from cluster.gateway.security import DEFAULT_MAX_MESSAGE_BYTES, SecurityOptions, load_api_keys, load_security
 from cluster.gateway.validation import RequestLimits
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
@@ -122,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     cli.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     _add_client_security_args(cli)
-    add_bench_parser(sub)
+    # Registered for `mixserve --help` only: main() hands `mixserve bench ...` to cluster.bench.cli before this
+    # parser runs, so serving never imports the bench (or its extra dependencies).
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark mixserve against transformers (offline or over gRPC); see `mixserve bench --help`")
     return parser
 
 
@@ -145,8 +147,8 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
 
 def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
     return ClusterOptions(
-        num_workers=args.workers, placement_strategy=args.placement, threads_per_rank=args.threads,
-        collective_timeout_s=args.collective_timeout, reserved_cpus=getattr(args, "reserved_cpus", 0),
+        num_workers=args.workers, placement_strategy=args.placement, collective_timeout_s=args.collective_timeout,
+        cpu=CpuPolicy(threads_per_rank=args.threads, reserved_cpus=getattr(args, "reserved_cpus", 0)),
     )
 
 
@@ -220,14 +222,24 @@ def run_client(args: argparse.Namespace) -> int:
     return stream_completion(args.target, request, timeout_s=args.timeout, security=security)
 
 
+def _run_bench(argv: list[str]) -> int:
+    try:
+        from cluster.bench.cli import main as bench_main
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"`mixserve bench` needs {exc.name}: pip install 'mixserve[bench]'") from exc
+    return bench_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     MallocSettings().apply_now()  # before any thread starts; the bench's transformers baseline gets it too
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return {"generate": run_generate, "serve": run_serve, "client": run_client,
-                "bench": run_bench}[args.command](args)
+        if argv[:1] == ["bench"]:
+            return _run_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        return {"generate": run_generate, "serve": run_serve, "client": run_client}[args.command](args)
     except (MixServeError, CheckpointError, CompileFailed, WorkerStartError, ValueError) as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@
    over the measured device copy bandwidth).
 
 `--dry-run` runs the same code on CPU with tiny shapes (CI runs it). JSON goes to --out (default $OUT).
-Imports torch, transformers and workers/cluster.bench modules that need neither Ray nor gRPC.
+Imports torch, transformers and the cluster.bench modules that need neither Ray nor gRPC (gpu, machine, workload).
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from cluster.bench.bandwidth import copy_bandwidth
-from cluster.bench.checkpoints import write_random_mixtral
-from cluster.bench.decode import SHAPES, build_rank, build_transformers
-from cluster.bench.decode_timing import decode_point
-from cluster.bench.parity import TINY_SPEC, check_parity
+from cluster.bench.gpu import SHAPES, TINY_SPEC, build_rank, build_transformers, check_parity, decode_point
+from cluster.bench.machine import copy_bandwidth
+from cluster.bench.workload import write_random_mixtral
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

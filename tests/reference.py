@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.gpu import relative_error as relative_error  # the one definition; tests import it from here
 from workers.model.attention import SequenceChunk
 from workers.model.kv_cache import SequenceBlocks
 from workers.runtime.attention_rank import AttentionRank
@@ -58,7 +59,3 @@ def teacher_forced_logits(rank: AttentionRank, sequences: list[list[int]], promp
     for b in blocks:
         rank.pool.release(b)
     return [torch.cat(o) for o in outs]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())

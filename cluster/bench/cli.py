@@ -1,4 +1,5 @@
-"""`mixserve bench {offline,serve,make-model}`: argument parsing and the run; cluster/cli.py only registers it."""
+"""`mixserve bench {offline,serve,make-model}`: the arguments and the run (measure, print the tables, write
+JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the bench."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import math
 import os
 from pathlib import Path
 
-from cluster.bench.checkpoints import PRESETS, write_preset
-from cluster.bench.engines import EngineSetup
+import torch
+
+from cluster.bench.offline import OfflineOptions, run_offline
+from cluster.bench.plot import plot_report
+from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
+from cluster.bench.serve import ServeOptions, run_serve
+from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
 from cluster.settings import DEFAULT_MODEL_DIR, resolve_device, resolve_dtype
+
+RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -38,9 +46,9 @@ def _common(p: argparse.ArgumentParser, *, output_len: int, input_len: int) -> N
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch threads for every rank and the baseline (default: all logical CPUs)")
+                   help="torch threads for every rank and the baseline (all logical CPUs)")
     p.add_argument("--max-batched-tokens", type=int, default=0,
-                   help="tokens per engine step (default: every running prompt in one step, like generate)")
+                   help="tokens per engine step (0: every running prompt in one step, like generate)")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size")
     p.add_argument("--compile", action="store_true",
                    help="mixserve engines with in-process experts torch.compile their small (decode) steps, as "
@@ -60,35 +68,38 @@ def _common(p: argparse.ArgumentParser, *, output_len: int, input_len: int) -> N
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
 
 
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmark mixserve against transformers (offline or over gRPC)")
+def build_parser() -> argparse.ArgumentParser:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    bench = argparse.ArgumentParser(prog="mixserve bench", formatter_class=defaults,
+                                    description="benchmark mixserve against transformers (offline or over gRPC)")
     modes = bench.add_subparsers(dest="bench_mode", required=True)
-    off = modes.add_parser("offline", help="N prompts as one batch through every engine")
+    off = modes.add_parser("offline", help="N prompts as one batch through every engine", formatter_class=defaults)
     _common(off, output_len=32, input_len=128)
     off.add_argument("--num-prompts", type=int, default=32)
     off.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
                      help="measure the in-process engine (no Ray): the reference for the EP overhead")
-    srv = modes.add_parser("serve", help="online serving over gRPC: a concurrency or request-rate sweep")
+    srv = modes.add_parser("serve", help="online serving over gRPC: a concurrency or request-rate sweep",
+                           formatter_class=defaults)
     _common(srv, output_len=128, input_len=64)
     load = srv.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=_ints, default=None, help="closed loop: concurrent streams, e.g. 1,8,32")
+    load.add_argument("--concurrency", type=_ints, default=None,
+                      help="closed loop: concurrent streams, e.g. 1,8,32 (1,8,32 unless --request-rate)")
     load.add_argument("--request-rate", type=_rates, default=None, help="open loop: Poisson rates/s, e.g. 1,4,inf")
-    srv.add_argument("--num-prompts", type=int, default=0, help="requests per point (default: the concurrency)")
+    srv.add_argument("--num-prompts", type=int, default=0, help="requests per point (0: the concurrency)")
     srv.add_argument("--target", default=None, help="measure this running server (host:port) instead")
     srv.add_argument("--metrics-url", default=None, help="the --target server's /metrics URL")
     srv.add_argument("--reserved-cpus", type=int, default=1,
                      help="logical CPUs the mixserve ranks leave to the gateway, as `mixserve serve` does by default "
                           "(they run --threads minus this; the transformers baseline runs --threads)")
-    model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)")
+    model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)",
+                             formatter_class=defaults)
     model.add_argument("--preset", choices=sorted(PRESETS), required=True)
     model.add_argument("--out", type=Path, required=True)
     model.add_argument("--seed", type=int, default=0)
+    return bench
 
 
-RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
-
-
-def ray_worker_niceness(args: argparse.Namespace) -> str:
+def _ray_worker_niceness(args: argparse.Namespace) -> str:
     """Sets the niceness of the workers of a local Ray started from here (not of a cluster joined with
     --ray-address, nor of a Ray this process already runs); returns what the report records."""
     import ray
@@ -100,21 +111,52 @@ def ray_worker_niceness(args: argparse.Namespace) -> str:
     return str(niceness)
 
 
-def engine_setup(args: argparse.Namespace, *, max_num_seqs: int) -> EngineSetup:
+def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int) -> EngineSetup:
     device = resolve_device(args.device)
     return EngineSetup(
         model_dir=args.model, device=device, dtype=resolve_dtype(args.dtype, device), threads_per_rank=args.threads,
         max_batched_tokens=args.max_batched_tokens or max_num_seqs * args.input_len, max_num_seqs=max_num_seqs,
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
-        progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=ray_worker_niceness(args),
+        progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=_ray_worker_niceness(args),
         reserved_cpus=getattr(args, "reserved_cpus", 0), compile_small_steps=args.compile,
     )
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def _offline(args: argparse.Namespace) -> OfflineReport:
+    workload = Workload(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                        seed=args.seed)
+    return run_offline(OfflineOptions(
+        setup=_engine_setup(args, max_num_seqs=args.num_prompts), workload=workload, workers=args.workers,
+        in_process=args.in_process, transformers=args.transformers, ray_address=args.ray_address))
+
+
+def _serve(args: argparse.Namespace) -> ServeReport:
+    concurrency = args.concurrency or (() if args.request_rate else (1, 8, 32))
+    in_flight = max(concurrency) if concurrency else args.num_prompts
+    return run_serve(ServeOptions(
+        setup=_engine_setup(args, max_num_seqs=max(in_flight, 1)), input_len=args.input_len,
+        output_len=args.output_len, num_prompts=args.num_prompts, seed=args.seed, concurrency=concurrency,
+        request_rates=args.request_rate or (), workers=args.workers, transformers=args.transformers,
+        target=args.target, metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout))
+
+
+def main(argv: list[str]) -> int:
+    """`mixserve bench` with argv after "bench"; errors are cluster/cli.py's to report."""
+    args = build_parser().parse_args(argv)
     if args.bench_mode == "make-model":
         print(write_preset(args.preset, args.out, seed=args.seed))
         return 0
-    from cluster.bench.run import run_offline_command, run_serve_command
-
-    return run_offline_command(args) if args.bench_mode == "offline" else run_serve_command(args)
+    torch.set_num_threads(args.threads)
+    if args.bench_mode == "offline":
+        report = _offline(args)
+        print(format_offline(report, markdown=args.markdown))
+    else:
+        report = _serve(args)
+        print(format_serve(report, markdown=args.markdown))
+    if args.out is not None:
+        write_json(report, args.out)
+        print(f"\nresults: {args.out}")
+    if args.plot is not None:
+        plot_report(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0

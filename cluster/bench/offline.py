@@ -15,19 +15,29 @@ from functools import partial
 
 import torch
 
-from cluster.bench.bandwidth import copy_bandwidth
-from cluster.bench.engines import IN_PROCESS_LABEL, EngineSetup, TimedRuns, engine_run, run_in_process
-from cluster.bench.floor import ComputeFloor, MatmulRate, compute_floor, measure_matmul_flops
-from cluster.bench.hf_baseline import run_transformers
-from cluster.bench.meta import RunMeta, run_meta, run_start
-from cluster.bench.ray_runs import ray_label, run_ray
-from cluster.bench.results import IN_PROCESS, RAY, TRANSFORMERS, EngineRun, ModelSummary, Ratios, compute_ratios
-from cluster.bench.roofline import COPY_BYTES, MemoryBandwidth, RooflineFloor, roofline_floor
-from cluster.bench.workload import Workload, make_prompts
+from cluster.bench import machine
+from cluster.bench.report import (
+    IN_PROCESS,
+    RAY,
+    TRANSFORMERS,
+    EngineRun,
+    ModelSummary,
+    OfflineReport,
+    compute_ratios,
+    timing_fields,
+)
+from cluster.bench.runners import (
+    HF_LABEL,
+    IN_PROCESS_LABEL,
+    TimedRuns,
+    ray_label,
+    run_in_process,
+    run_ray,
+    run_transformers,
+)
+from cluster.bench.workload import EngineSetup, Workload, make_prompts
 from cluster.ray_session import ray_session
 from workers.config import ModelConfig
-
-HF_LABEL = "transformers (batched generate)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,40 +55,47 @@ class OfflineOptions:
         if not (self.workers or self.in_process or self.transformers):
             raise ValueError("nothing to run: no workers, in_process and transformers both off")
 
-
-@dataclass(frozen=True, kw_only=True)
-class OfflineReport:
-    mode: str
-    meta: RunMeta
-    model: ModelSummary
-    workload: Workload
-    settings: dict[str, str]
-    compute_floor: ComputeFloor
-    roofline_floor: RooflineFloor
-    reference_label: str | None  # the mixserve engine "EP overhead" is measured against
-    runs: tuple[EngineRun, ...]
-    ratios: tuple[Ratios, ...]
+    @property
+    def reference_label(self) -> str | None:
+        """The mixserve engine the EP overhead is measured against."""
+        if self.in_process:
+            return IN_PROCESS_LABEL
+        return ray_label(0) if 0 in self.workers else None
 
 
-def settings_summary(setup: EngineSetup) -> dict[str, str]:
-    return {"device": str(setup.device), "dtype": str(setup.dtype).removeprefix("torch."),
-            "threads_per_rank": str(setup.threads_per_rank), "max_batched_tokens": str(setup.max_batched_tokens),
-            "max_num_seqs": str(setup.max_num_seqs), "block_size": str(setup.block_size),
-            "warmup_tokens": str(setup.warmup_tokens), "rounds": str(setup.rounds),
-            "ray_worker_niceness": setup.ray_worker_niceness, "reserved_cpus": str(setup.reserved_cpus),
-            "compile_small_steps": "on" if setup.compile_small_steps else "off"}
+def agreement(tokens: list[list[int]], reference: list[list[int]] | None) -> float | None:
+    """Fraction of requests whose tokens equal the reference's (None without a reference)."""
+    if reference is None or not tokens:
+        return None
+    return sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens)
 
 
-def machine_rates(setup: EngineSetup) -> tuple[float, float]:
+def engine_run(label: str, engine: str, workers: int | None, timed: TimedRuns, workload: Workload,
+               setup: EngineSetup, reference: list[list[int]] | None) -> EngineRun:
+    """The record of one engine: median wall time; phases, steps and worker phases per run (means)."""
+    runs = len(timed.seconds)
+    per_run = {k: v / runs for k, v in timed.phases.items()} if engine != TRANSFORMERS else {}
+    settings = {"threads": str(setup.threads_per_rank), "max_batched_tokens": str(setup.max_batched_tokens)}
+    mean_seconds = sum(timed.seconds) / runs
+    return EngineRun(
+        label=label, engine=engine, workers=workers,
+        **timing_fields(timed.seconds, workload.num_prompts, workload.output_tokens),
+        steps=timed.steps // runs, phase_seconds=per_run,
+        prefill_seconds=timed.prefill_seconds / runs, decode_seconds=timed.decode_seconds / runs,
+        unaccounted_seconds=mean_seconds - sum(per_run.values()) if per_run else None,
+        worker_phase_seconds=tuple({k: v / runs for k, v in w.items()} for w in timed.worker_phases),
+        cpu_seconds={k: v / runs for k, v in timed.cpu.items()},
+        exact_output_len=all(len(t) == workload.output_len for t in timed.tokens),
+        agreement_with_transformers=agreement(timed.tokens, reference),
+        load_1m=(min(timed.loads, default=0.0), max(timed.loads, default=0.0)), notes=timed.notes | settings,
+    )
+
+
+def _machine_rates(setup: EngineSetup) -> tuple[float, float]:
     """(matmul FLOP/s, copy bytes/s) at the ranks' thread count."""
     torch.set_num_threads(setup.threads_per_rank)
-    return measure_matmul_flops(setup.dtype, setup.device), copy_bandwidth(setup.device, COPY_BYTES)
-
-
-def _reference_label(opts: OfflineOptions) -> str | None:
-    if opts.in_process:
-        return IN_PROCESS_LABEL
-    return ray_label(0) if 0 in opts.workers else None
+    return (machine.measure_matmul_flops(setup.dtype, setup.device),
+            machine.copy_bandwidth(setup.device, machine.COPY_BYTES))
 
 
 @dataclass(frozen=True)
@@ -101,32 +118,40 @@ def _engines(opts: OfflineOptions, cfg: ModelConfig, prompts: list[tuple[int, ..
     return out
 
 
+def _floors(cfg: ModelConfig, opts: OfflineOptions,
+            rates: list[tuple[float, float]]) -> tuple[machine.ComputeFloor, machine.RooflineFloor]:
+    setup = opts.setup
+    rate = machine.MatmulRate(size=machine.MATMUL_SIZE, dtype=str(setup.dtype).removeprefix("torch."),
+                              device=str(setup.device), threads=setup.threads_per_rank,
+                              flops_per_s=tuple(r[0] for r in rates))
+    bandwidth = machine.MemoryBandwidth(copy_bytes=machine.COPY_BYTES, device=str(setup.device),
+                                        threads=setup.threads_per_rank, bytes_per_s=tuple(r[1] for r in rates))
+    roofline = machine.roofline_floor(cfg, opts.workload, max_num_seqs=setup.max_num_seqs,
+                                      matmul_flops_per_s=rate.best, bandwidth=bandwidth,
+                                      element_size=setup.dtype.itemsize)
+    return machine.compute_floor(cfg, opts.workload, rate), roofline
+
+
 def run_offline(opts: OfflineOptions) -> OfflineReport:
     """Every engine once per round, the engines interleaved, so load from other processes hits them alike."""
-    start = run_start()
+    start = machine.run_start()
     setup, workload = opts.setup, opts.workload
     cfg = ModelConfig.from_model_dir(setup.model_dir)
     engines = _engines(opts, cfg, make_prompts(workload, cfg.vocab_size))
     timed = {e.label: TimedRuns() for e in engines}
-    rates = [machine_rates(setup)]
+    rates = [_machine_rates(setup)]
     with ray_session(opts.ray_address, max(opts.workers)) if opts.workers else nullcontext():
         for _ in range(setup.rounds):
             for engine in engines:
                 engine.run(timed[engine.label])
-    rates.append(machine_rates(setup))
-    rate = MatmulRate(size=2048, dtype=str(setup.dtype).removeprefix("torch."), device=str(setup.device),
-                      threads=setup.threads_per_rank, flops_per_s=tuple(r[0] for r in rates))
-    bandwidth = MemoryBandwidth(copy_bytes=COPY_BYTES, device=str(setup.device), threads=setup.threads_per_rank,
-                                bytes_per_s=tuple(r[1] for r in rates))
-    floor = compute_floor(cfg, workload, rate)
-    roofline = roofline_floor(cfg, workload, max_num_seqs=setup.max_num_seqs, matmul_flops_per_s=rate.best,
-                              bandwidth=bandwidth, element_size=setup.dtype.itemsize)
+    rates.append(_machine_rates(setup))
+    floor, roofline = _floors(cfg, opts, rates)
     reference = timed[HF_LABEL].tokens if opts.transformers else None
     runs = [engine_run(e.label, e.kind, e.workers, timed[e.label], workload, setup, reference) for e in engines]
-    label = _reference_label(opts)
+    label = opts.reference_label
     return OfflineReport(
-        mode="offline", meta=run_meta(start), model=ModelSummary.of(setup.model_dir, cfg), workload=workload,
-        settings=settings_summary(setup), compute_floor=floor, roofline_floor=roofline, reference_label=label,
+        mode="offline", meta=machine.run_meta(start), model=ModelSummary.of(setup.model_dir, cfg), workload=workload,
+        settings=setup.summary(), compute_floor=floor, roofline_floor=roofline, reference_label=label,
         runs=tuple(runs), ratios=tuple(compute_ratios(runs, reference_label=label, floor_seconds=floor.floor_seconds,
                                                       roofline_seconds=roofline.floor_seconds)),
     )

@@ -1,14 +1,26 @@
-"""The benchmark workload: seeded random prompts of one length, every request producing exactly
-`output_len` tokens (greedy, end-of-sequence ignored). Knows nothing of engines or transports."""
+"""What a benchmark runs: seeded random prompts of one length, every request producing exactly `output_len`
+tokens (greedy, end-of-sequence ignored); the random checkpoints it runs on; and the setup every mixserve
+engine of one benchmark shares. Knows nothing of how an engine is driven, timed or reported.
+
+Needs neither Ray nor gRPC (scripts/gpu_check.py writes its checkpoint with this module).
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cluster.requests import GenerationRequest
+from cluster.scheduler import SchedulerConfig
+from cluster.settings import EngineSettings
+from workers.config import ModelConfig
 from workers.model.sampler import SamplingParams
+from workers.runtime.local_build import kv_cache_spec
 
 RESERVED_IDS = 3  # <unk>, <s>, </s> in Mixtral vocabularies: never used as prompt tokens
 
@@ -51,3 +63,113 @@ def engine_requests(prompts: list[tuple[int, ...]], output_len: int, tag: str) -
                           ignore_eos=True)
         for i, p in enumerate(prompts)
     ]
+
+
+# Random Mixtral checkpoints, written once with transformers' `save_pretrained` and reused: a directory counts
+# as present when its config.json carries the preset's shape. Written into a temporary sibling and renamed, so
+# an interrupted write is never mistaken for a checkpoint; weights are created once, in fp32, in 1 GB shards.
+PRESETS: dict[str, dict] = {
+    # stands in for models/mixserve-tiny until it exists (W1)
+    "w1-random": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                      sliding_window=None, max_position_embeddings=4096),
+    # the "medium" Mixtral of W2: ~0.73 B parameters, ~2.8 GB in fp32
+    "w2-medium": dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                      sliding_window=None, max_position_embeddings=4096),
+}
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "num_local_experts", "num_experts_per_tok")
+
+
+def _has_checkpoint(out_dir: Path, spec: dict) -> bool:
+    try:
+        raw = json.loads((out_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    weights = (out_dir / "model.safetensors").exists() or (out_dir / "model.safetensors.index.json").exists()
+    return weights and all(raw.get(k) == spec[k] for k in SHAPE_KEYS)
+
+
+def write_random_mixtral(out_dir: Path, spec: dict, *, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """Writes a random MixtralForCausalLM to out_dir unless a checkpoint of this shape is already there."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if _has_checkpoint(out_dir, spec):
+        return out_dir
+    cfg = MixtralConfig(initializer_range=initializer_range, tie_word_embeddings=False, bos_token_id=1,
+                        eos_token_id=2, **spec)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg).eval()
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{int(time.time())}")
+    model.save_pretrained(tmp, max_shard_size="1GB")
+    del model
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_transformers(model_dir: Path, dtype: torch.dtype, device: torch.device):
+    """transformers' MixtralForCausalLM over a checkpoint, in eval mode (the baseline and the parity oracle)."""
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def write_preset(name: str, out_dir: Path, *, seed: int = 0) -> Path:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return write_random_mixtral(out_dir, PRESETS[name], seed=seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSetup:
+    """What every mixserve engine of one benchmark shares."""
+
+    model_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    threads_per_rank: int
+    max_batched_tokens: int
+    max_num_seqs: int
+    block_size: int = 16
+    warmup_tokens: int = 4
+    rounds: int = 1  # each engine runs once per round; rounds interleave the engines
+    progress: bool = True
+    timeout_s: float = 3600.0
+    ray_worker_niceness: str = "Ray's default"  # recorded here; the entry point applies it before Ray starts
+    reserved_cpus: int = 0  # Ray ranks run threads_per_rank minus this (the gateway's share in serve)
+    compile_small_steps: bool = False  # EngineSettings.compile_small_steps for every mixserve engine
+
+    def __post_init__(self) -> None:
+        for name in ("threads_per_rank", "max_batched_tokens", "max_num_seqs", "block_size", "warmup_tokens",
+                     "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+    def summary(self) -> dict[str, str]:
+        """The settings a report records."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "threads_per_rank": str(self.threads_per_rank), "max_batched_tokens": str(self.max_batched_tokens),
+                "max_num_seqs": str(self.max_num_seqs), "block_size": str(self.block_size),
+                "warmup_tokens": str(self.warmup_tokens), "rounds": str(self.rounds),
+                "ray_worker_niceness": self.ray_worker_niceness, "reserved_cpus": str(self.reserved_cpus),
+                "compile_small_steps": "on" if self.compile_small_steps else "off"}
+
+
+def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int = 0) -> EngineSettings:
+    """KV cache room for every running sequence at full length, plus one spare block each: no preemption."""
+    spec = kv_cache_spec(cfg, num_blocks=1, block_size=setup.block_size, dtype=setup.dtype, device=setup.device)
+    per_sequence = spec.max_blocks_per_sequence(workload.input_len + workload.output_len) + 1
+    kv_bytes = per_sequence * min(setup.max_num_seqs, workload.num_prompts) * spec.bytes_per_block
+    return EngineSettings(model_dir=setup.model_dir, device=setup.device, dtype=setup.dtype, kv_cache_bytes=kv_bytes,
+                          block_size=setup.block_size, num_workers=workers,
+                          compile_small_steps=setup.compile_small_steps)
+
+
+def scheduler_config(setup: EngineSetup) -> SchedulerConfig:
+    return SchedulerConfig(max_num_seqs=setup.max_num_seqs, max_batched_tokens=setup.max_batched_tokens,
+                           max_waiting=max(256, setup.max_num_seqs))

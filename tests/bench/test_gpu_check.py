@@ -26,13 +26,23 @@ def test_dry_run_passes_and_writes_every_result(tmp_path):
     assert parity["tokens_equal"] or parity["mismatches_are_near_ties"]
     assert parity["max_rel_error"] <= parity["tolerance"]
     decode = result["decode"]
-    assert [p["batch"] for p in decode["points"]] == list(decode["shapes"]["batches"])
+    assert [p["batch"] for p in decode["points"]] == list(decode["shapes"]["batches"]) == [1, 4]
+    # the dry-run shapes: D 64, F 128, 2 layers, 8 experts top-2, 4 heads / 2 KV heads of 16, bf16 (2 bytes);
+    # 16 context tokens + 1 warm-up step + half of the 3 timed steps
+    attention, router, kv_row = 2 * (64 * (4 + 2 * 2) * 16 + 4 * 16 * 64), 2 * 64 * 8, 2 * 2 * 2 * 16
     for point in decode["points"]:
+        b, touched = point["batch"], point["experts_touched_per_layer"]
+        assert point["context_len"] == 18
         assert point["mixserve_step_s"] > 0 and point["transformers_step_s"] > 0
-        speedup = point["transformers_step_s"] / point["mixserve_step_s"]
-        assert point["speedup_vs_transformers"] == pytest.approx(speedup)
-        assert point["bytes_per_step"]["total"] == sum(v for k, v in point["bytes_per_step"].items() if k != "total")
-        floor = point["bytes_per_step"]["total"] / decode["copy_bandwidth_bytes_per_s"]
-        assert point["floor_s"] == pytest.approx(floor)
-        assert 1 <= point["experts_touched_per_layer"] <= decode["shapes"]["num_experts"]
+        assert point["speedup_vs_transformers"] * point["mixserve_step_s"] == pytest.approx(
+            point["transformers_step_s"])
+        nbytes = point["bytes_per_step"]
+        assert (nbytes["attention"], nbytes["router"], nbytes["kv_cache"]) == (2 * attention, 2 * router,
+                                                                               2 * kv_row * b * 18)
+        assert nbytes["experts"] == int(2 * touched * 3 * 64 * 128) * 2
+        assert nbytes["total"] == nbytes["attention"] + nbytes["router"] + nbytes["kv_cache"] + nbytes["experts"]
+        assert point["floor_s"] * decode["copy_bandwidth_bytes_per_s"] == pytest.approx(nbytes["total"])
         assert point["first_step_rel_error"] < 5e-2
+    one, four = decode["points"]
+    assert one["experts_touched_per_layer"] == 2.0, "one token a step routes to exactly its top 2"
+    assert 2.0 <= four["experts_touched_per_layer"] <= 8.0

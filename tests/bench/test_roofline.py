@@ -1,5 +1,5 @@
 """The roofline floor's arithmetic: its FLOPs are the compute floor's, its bytes follow the stated formula,
-and each step takes the slower of the two. Pure arithmetic on a config; no engine runs."""
+and each step takes the slower of the two; and the machine rates it divides by. No engine runs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import math
 import pytest
 import torch
 
-from cluster.bench.bandwidth import copy_bandwidth
-from cluster.bench.floor import MatmulRate, compute_floor
-from cluster.bench.roofline import MemoryBandwidth, experts_hit, roofline_floor
+from cluster.bench.machine import (
+    MatmulRate,
+    MemoryBandwidth,
+    compute_floor,
+    copy_bandwidth,
+    experts_hit,
+    measure_matmul_flops,
+    roofline_floor,
+)
 from cluster.bench.workload import Workload
 from workers.config import ModelConfig
 
@@ -78,6 +84,8 @@ def test_experts_hit_grows_to_every_expert():
     assert experts_hit(CFG, 4096) == pytest.approx(8.0)
 
 
-def test_copy_bandwidth_is_measured():
+def test_machine_rates_are_measured():
     rate = copy_bandwidth(torch.device("cpu"), 1 << 20, reps=2)
-    assert math.isfinite(rate) and rate > 0
+    assert math.isfinite(rate) and rate > 1e6, "a copy moves more than 1 MB/s"
+    flops = measure_matmul_flops(torch.float32, torch.device("cpu"), size=64, reps=2)
+    assert math.isfinite(flops) and flops > 1e6, "a matmul runs faster than 1 MFLOP/s"

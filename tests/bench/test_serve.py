@@ -1,6 +1,6 @@
 """`mixserve bench serve` end to end: a gateway on loopback over the Ray engine (0 workers) and the
 transformers baseline, a two-point concurrency sweep; every point's fields (CPU seconds per process
-among them) and ratios, and the PNG."""
+among them), that the ratios pair each point with its baseline and reference, and the PNG."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster,
     points = {(p["point"], p["engine"]): p for p in report["points"]}
     assert set(points) == {(c, e) for c in ("c=1", "c=2") for e in ("transformers", "ray")}
     for p in report["points"]:
-        assert p["exact_output_len"] and p["errors"] == 0 and p["output_tokens"] == 8
-        assert p["output_tokens_per_s"] == pytest.approx(p["output_tokens"] / p["seconds"])
+        assert p["exact_output_len"] and p["errors"] == 0 and p["output_tokens"] == 8 and p["requests"] == 2
+        assert p["output_tokens_per_s"] * p["seconds"] == pytest.approx(8)
         for stat in ("ttft", "itl", "tpot", "e2e"):
             assert set(p["latency"][stat]) == {"count", "mean", "p50", "p90", "p99"}
             assert p["latency"][stat]["count"] > 0
@@ -39,11 +39,10 @@ def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster,
         assert set(p["cpu_seconds"]) == expected
         assert all(v > 0 for v in p["cpu_seconds"].values()), p["cpu_seconds"]
         assert sum(p["cpu_seconds"].values()) <= os.cpu_count() * (p["seconds"] + 0.5)
-    for r in report["ratios"]:
-        p = next(q for q in report["points"] if q["point"] == r["point"] and q["label"] == r["ratios"]["label"])
-        hf = points[(r["point"], "transformers")]
-        ref = points[(r["point"], "ray")]
-        vs_hf = p["output_tokens_per_s"] / hf["output_tokens_per_s"]
-        assert r["ratios"]["tok_s_vs_transformers"] == pytest.approx(vs_hf)
-        assert r["ratios"]["time_vs_reference"] == pytest.approx(p["seconds"] / ref["seconds"])
+    assert report["reference_label"] == "mixserve Ray, 0 workers (experts in coordinator)"
+    ratios = {(r["point"], r["ratios"]["label"]): r["ratios"] for r in report["ratios"]}
+    assert set(ratios) == {(p["point"], p["label"]) for p in report["points"]}
+    for c in ("c=1", "c=2"):
+        assert ratios[(c, points[(c, "transformers")]["label"])]["tok_s_vs_transformers"] == 1.0
+        assert ratios[(c, points[(c, "ray")]["label"])]["time_vs_reference"] == 1.0
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC

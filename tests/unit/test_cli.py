@@ -1,4 +1,4 @@
-"""`mixserve generate` as a user runs it: a subprocess printing one JSON object."""
+"""`mixserve generate` as a user runs it: a subprocess printing one JSON object; `mixserve bench` help and errors."""
 
 from __future__ import annotations
 
@@ -60,3 +60,15 @@ def test_generate_reports_bad_input_clearly(tiny8):
     assert proc.returncode == 2 and "tokenizer.json" in proc.stderr
     proc = _mixserve("generate", "--model", "/nonexistent", "--token-ids", "1")
     assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def test_bench_is_listed_and_its_help_shows_the_defaults():
+    top = _mixserve("--help")
+    assert top.returncode == 0 and "bench" in top.stdout and "mixserve bench --help" in top.stdout
+    bench = _mixserve("bench", "--help")
+    assert bench.returncode == 0 and "offline" in bench.stdout and "make-model" in bench.stdout
+    offline = _mixserve("bench", "offline", "--help")
+    assert offline.returncode == 0, offline.stderr
+    assert "(default: 32)" in offline.stdout and "(default: 128)" in offline.stdout  # output and input length
+    bad = _mixserve("bench", "serve", "--concurrency", "x")
+    assert bad.returncode == 2 and "comma-separated integers" in bad.stderr

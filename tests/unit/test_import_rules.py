@@ -1,8 +1,11 @@
-"""Import rules of DESIGN.md that import-linter cannot express (it treats external packages whole)."""
+"""Import rules of DESIGN.md that import-linter cannot express (it treats external packages whole, and sees
+imports, not what a command loads). Cycles and imports of cluster.bench are import-linter contracts."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,3 +38,12 @@ def test_only_workers_comm_and_runtime_use_torch_distributed_in_workers():
         parts = path.relative_to(ROOT / "workers").parts
         if any(m.startswith("torch.distributed") for m in _imported_modules(path)):
             assert parts[0] in allowed, f"{path} imports torch.distributed outside workers/comm and workers/runtime"
+
+
+def test_the_serving_entry_point_loads_no_bench_module():
+    """`mixserve serve`, `generate` and `client` start from cluster.cli; only `mixserve bench` loads the bench."""
+    probe = ("import sys, cluster.cli, cluster.serve, cluster.gateway.server; "
+             "print(sorted(m for m in sys.modules if m.startswith('cluster.bench')))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
