@@ -31,17 +31,20 @@ def hf_greedy(hf, prompt: list[int], steps: int) -> tuple[list[int], torch.Tenso
 
 @torch.no_grad()
 def teacher_forced_logits(rank: AttentionRank, sequences: list[list[int]], prompt_lens: list[int],
-                          prefill_chunk: int | None = None) -> list[torch.Tensor]:
+                          prefill_chunk: int | None = None, join_steps: list[int] | None = None) -> list[torch.Tensor]:
     """Runs a batch through prefill (optionally chunked) then one-token decode steps together,
-    feeding the given token sequences; returns each sequence's logits at positions [0, len-1)."""
+    feeding the given token sequences; returns each sequence's logits at positions [0, len-1).
+    join_steps[i]: the step at which sequence i arrives (default 0: all at once)."""
     blocks = [SequenceBlocks() for _ in sequences]
     outs: list[list[torch.Tensor]] = [[] for _ in sequences]
     cursor = [0] * len(sequences)
+    joins = join_steps or [0] * len(sequences)
+    step = 0
     while any(c < len(s) - 1 for c, s in zip(cursor, sequences, strict=True)):
         chunks, ids, owners = [], [], []
         for i, seq in enumerate(sequences):
             end = len(seq) - 1
-            if cursor[i] >= end:
+            if cursor[i] >= end or joins[i] > step:
                 continue
             n = prompt_lens[i] - cursor[i] if cursor[i] < prompt_lens[i] else 1
             n = min(n, prefill_chunk or n, end - cursor[i])
@@ -50,6 +53,9 @@ def teacher_forced_logits(rank: AttentionRank, sequences: list[list[int]], promp
             ids.extend(seq[cursor[i] : cursor[i] + n])
             owners.append((i, n))
             cursor[i] += n
+        step += 1
+        if not chunks:
+            continue
         h = rank.forward(torch.tensor(ids), chunks, StepTimings())
         logits = rank.logits(h)
         start = 0

@@ -29,7 +29,7 @@ def test_sliding_window_sequence_never_holds_more_than_its_window():
     assert _free_blocks(pool) == 7
     pool.reserve(seq, 1)
     meta = build_attention_metadata(pool, [SequenceChunk(blocks=seq, start=99, num_new=1)])
-    key_slots = meta.key_slots_BLk[0].tolist()  # the window: positions 90..99
+    key_slots = meta.groups[0].key_slots_BLk[0].tolist()  # the window: positions 90..99
     ring = {b * 4 + i for b in seq.blocks for i in range(4)}
     assert len(key_slots) == 10 and len(set(key_slots)) == 10 and set(key_slots) <= ring
 
@@ -50,9 +50,9 @@ def test_slots_of_a_growing_sequence_are_stable():
     seq = SequenceBlocks()
     pool.reserve(seq, 5)
     first = build_attention_metadata(pool, [SequenceChunk(blocks=seq, start=0, num_new=5)])
-    written = first.write_slots_W.tolist()  # where positions 0..4 went
+    written = first.groups[0].write_slots_W.tolist()  # where positions 0..4 went
     seq.num_cached = 5
     pool.reserve(seq, 7)
     later = build_attention_metadata(pool, [SequenceChunk(blocks=seq, start=5, num_new=7)])
-    assert later.key_slots_BLk[0, :5].tolist() == written  # read back from where they were written
-    assert len(set(later.write_slots_W.tolist()) | set(written)) == 12
+    assert later.groups[0].key_slots_BLk[0, :5].tolist() == written  # read back from where they were written
+    assert len(set(later.groups[0].write_slots_W.tolist()) | set(written)) == 12

@@ -1,11 +1,16 @@
 """Grouped-query attention with RoPE and an optional sliding window, over the paged KV cache.
 
-One engine step holds B sequences, each with some new tokens (a prefill chunk or one decode token).
+One engine step holds sequences, each with some new tokens (a prefill chunk or one decode token).
 The new tokens are flattened to T rows in sequence order. Each sequence's keys are its cached past
-(only the window's worth for sliding-window models) followed by its new tokens; everything is padded
-to [B, Lk] and run as one batched SDPA call.
-Shapes: T new tokens, B sequences, Lq max new tokens per sequence, Lk max keys per sequence,
-H query heads, Hkv kv heads, Dh head dim, D model dim.
+(only the window's worth for sliding-window models) followed by its new tokens.
+
+Ragged: a step costs the sum of its sequences, not its widest one times their number. The step's
+sequences are cut into groups of consecutive sequences whose padding to the group's longest query run and
+key run at most doubles the group's work (`PAD_WASTE_LIMIT`): decodes of similar contexts share one
+batched SDPA call, a long prefill chunk gets its own, never padded to another sequence's length, and no
+decode is padded to a prefill chunk's keys. Each group is run as one batched SDPA call over its own rows.
+Shapes: T new tokens, B sequences in a group, Lq max new tokens per sequence of the group, Lk max keys
+per sequence of the group, H query heads, Hkv kv heads, Dh head dim, D model dim.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ class SequenceChunk:
     num_new: int
 
 
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """Index tensors for one step, built once and shared by every layer."""
+PAD_WASTE_LIMIT = 2.0  # a group's padded attention work may be at most this multiple of its real work
 
-    positions_T: torch.Tensor  # [T] absolute positions of the new tokens
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Index tensors of one group of consecutive sequences; row indices count from the group's first row."""
+
+    rows: tuple[int, int]  # [first, end) rows in T of the group's new tokens
     key_slots_BLk: torch.Tensor  # [B, Lk] cache slot of each key (0 for padding)
     new_index_BLk: torch.Tensor | None  # [B, Lk] row in T of each new key; None when keys are read after writing
     is_new_BLk: torch.Tensor | None  # [B, Lk] bool, with new_index_BLk
@@ -49,7 +57,49 @@ class AttentionMetadata:
         return self.new_index_BLk is None
 
 
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Index tensors for one step, built once and shared by every layer."""
+
+    positions_T: torch.Tensor  # [T] absolute positions of the new tokens
+    groups: tuple[AttentionGroup, ...]  # in row order, covering every row of T once
+
+
 def build_attention_metadata(pool: KVCachePool, chunks: list[SequenceChunk]) -> AttentionMetadata:
+    """The step's groups (see the module docstring) and the positions of all its new tokens."""
+    groups, positions, first_row = [], [], 0
+    for members in group_chunks(chunks, pool.spec.sliding_window):
+        group, positions_T = _group_metadata(pool, members, first_row)
+        groups.append(group)
+        positions.append(positions_T)
+        first_row = group.rows[1]
+    positions_T = positions[0] if len(positions) == 1 else torch.cat(positions)
+    return AttentionMetadata(positions_T=positions_T.to(pool.spec.device), groups=tuple(groups))
+
+
+def group_chunks(chunks: list[SequenceChunk], window: int | None) -> list[list[SequenceChunk]]:
+    """Consecutive chunks, decodes apart from prefill chunks, cut where adding the next would pad the group's
+    work past PAD_WASTE_LIMIT times its real work (work = queries x keys: summed over the sequences for the
+    real work, B x Lq x Lk for the padded)."""
+    groups: list[list[SequenceChunk]] = []
+    real = longest_q = longest_k = 0
+    for chunk in chunks:
+        num_keys = chunk.start + chunk.num_new - (max(0, chunk.start - window + 1) if window else 0)
+        q, k, work = max(longest_q, chunk.num_new), max(longest_k, num_keys), chunk.num_new * num_keys
+        same_kind = bool(groups) and (groups[-1][0].num_new == 1) == (chunk.num_new == 1)
+        if same_kind and (len(groups[-1]) + 1) * q * k <= PAD_WASTE_LIMIT * (real + work):
+            groups[-1].append(chunk)
+            real, longest_q, longest_k = real + work, q, k
+        else:
+            groups.append([chunk])
+            real, longest_q, longest_k = work, chunk.num_new, num_keys
+    return groups
+
+
+def _group_metadata(
+    pool: KVCachePool, chunks: list[SequenceChunk], first_row: int
+) -> tuple[AttentionGroup, torch.Tensor]:
+    """(the group's index tensors, positions of its new tokens [T_group], on the CPU)."""
     spec = pool.spec
     window, size = spec.sliding_window, spec.block_size
     starts = torch.tensor([c.start for c in chunks])  # [B]
@@ -87,8 +137,8 @@ def build_attention_metadata(pool: KVCachePool, chunks: list[SequenceChunk]) -> 
         new_index = torch.where(is_new, row_start[:, None] + k_pos - starts[:, None], 0)
         key_slots = torch.where(is_new, 0, key_slots)
     device = spec.device
-    return AttentionMetadata(
-        positions_T=q_pos[q_valid].to(device),
+    group = AttentionGroup(
+        rows=(first_row, first_row + int(counts.sum())),
         key_slots_BLk=key_slots.to(device),
         new_index_BLk=None if new_index is None else new_index.to(device),
         is_new_BLk=None if is_new is None else is_new.to(device),
@@ -99,6 +149,7 @@ def build_attention_metadata(pool: KVCachePool, chunks: list[SequenceChunk]) -> 
         write_rows_W=query_index[write_mask].to(device),
         queries_dense=bool((counts == lq).all()),
     )
+    return group, q_pos[q_valid]
 
 
 def _block_table(chunks: list[SequenceChunk]) -> torch.Tensor:
@@ -115,10 +166,31 @@ def paged_attention(
     v_cache_BSHkvDh: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Attention of the new queries over past + new keys; writes the new K/V to the cache."""
+    """Attention of the new queries over past + new keys; writes the new K/V to the cache. [T, H·Dh]"""
     num_tokens, num_heads, head_dim = q_THDh.shape
     k_flat = k_cache_BSHkvDh.view(-1, *k_cache_BSHkvDh.shape[2:])  # [slots, Hkv, Dh]
     v_flat = v_cache_BSHkvDh.view(-1, *v_cache_BSHkvDh.shape[2:])
+    if len(meta.groups) == 1:
+        return _group_attention(q_THDh, k_THkvDh, v_THkvDh, k_flat, v_flat, meta.groups[0])
+    out_TQ = q_THDh.new_empty((num_tokens, num_heads * head_dim))
+    for group in meta.groups:  # the groups hold different sequences: their cache writes never meet
+        first, end = group.rows
+        out_TQ[first:end] = _group_attention(
+            q_THDh[first:end], k_THkvDh[first:end], v_THkvDh[first:end], k_flat, v_flat, group
+        )
+    return out_TQ
+
+
+def _group_attention(
+    q_THDh: torch.Tensor,
+    k_THkvDh: torch.Tensor,
+    v_THkvDh: torch.Tensor,
+    k_flat: torch.Tensor,
+    v_flat: torch.Tensor,
+    meta: AttentionGroup,
+) -> torch.Tensor:
+    """One group's attention over its rows (T here is the group's); writes their K/V to the cache."""
+    num_tokens, num_heads, head_dim = q_THDh.shape
     if meta.write_first:
         k_flat[meta.write_slots_W] = k_THkvDh[meta.write_rows_W]
         v_flat[meta.write_slots_W] = v_THkvDh[meta.write_rows_W]
