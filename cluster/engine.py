@@ -26,7 +26,7 @@ class LLMEngine:
         self.cfg = rank.model.cfg
         self.scheduler = Scheduler(config or SchedulerConfig(), rank.pool)
         self.sequences: dict[str, Sequence] = {}
-        self.stats = EngineStats(rank.model.cfg.num_hidden_layers, rank.model.cfg.num_local_experts)
+        self.stats = EngineStats(rank.model.cfg.num_hidden_layers, rank.model.cfg.num_local_experts, rank.model.device)
         rank.routed_tokens_LE = self.stats.routed_tokens_LE
 
     @property
@@ -72,7 +72,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
-        timings = StepTimings()
+        timings = StepTimings.for_device(self.rank.model.device)
         now = time.monotonic()
         for s in plan:
             if s.seq.first_scheduled is None:

@@ -25,13 +25,14 @@ class StatsSnapshot:
 class EngineStats:
     num_layers: int
     num_experts: int
+    device: torch.device  # where the rank counts routed tokens (its model's device)
     batch_sizes: list[int] = field(default_factory=list)
     batch_tokens: list[int] = field(default_factory=list)
     phase_seconds: list[dict[str, float]] = field(default_factory=list)
     routed_tokens_LE: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.routed_tokens_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
+        self.routed_tokens_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=self.device)
 
     def record_step(self, num_sequences: int, num_tokens: int, timings: StepTimings) -> None:
         self.batch_sizes.append(num_sequences)

@@ -58,8 +58,11 @@ class AttentionRank:
         self.experts = experts
         self.fused = fused
         cfg = model.cfg
-        # rows routed to each (layer, expert); whoever owns the counter may replace it
-        self.routed_tokens_LE = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.int64)
+        # rows routed to each (layer, expert), counted on the device (no host sync per layer); whoever owns the
+        # counter may replace it with another of the same shape on the same device
+        self.routed_tokens_LE = torch.zeros(
+            cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.int64, device=model.device
+        )
 
     def forward(
         self, token_ids_T: torch.Tensor, chunks: list[SequenceChunk], timings: StepTimings
@@ -82,8 +85,8 @@ class AttentionRank:
                 h_TD = self.model.attention_block(layer, h_TD, meta, rope, kv)
             with timings.phase("routing"):
                 x_TD, weights_TK, ids_TK = self.model.route(layer, h_TD)
-                num_experts = self.model.cfg.num_local_experts
-                self.routed_tokens_LE[layer] += torch.bincount(ids_TK.reshape(-1).cpu(), minlength=num_experts)
+                ids_N = ids_TK.reshape(-1)
+                self.routed_tokens_LE[layer].index_add_(0, ids_N, torch.ones_like(ids_N))
             h_TD = h_TD + self.experts.moe(layer, x_TD, weights_TK, ids_TK, timings)
         _mark_cached(chunks)
         return h_TD
@@ -108,7 +111,7 @@ class AttentionRank:
                 h_TD, ids_TK = fused.rest_of_layer(layer, h_TD, attn_THd)
             ids_per_layer.append(ids_TK)
         with timings.phase("routing"):
-            ids_LN = torch.stack(ids_per_layer).flatten(1).cpu()  # [L, T*K]
+            ids_LN = torch.stack(ids_per_layer).flatten(1)  # [L, T*K]
             self.routed_tokens_LE.scatter_add_(1, ids_LN, torch.ones_like(ids_LN))
         _mark_cached(chunks)
         return h_TD

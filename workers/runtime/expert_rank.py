@@ -33,7 +33,7 @@ class ExpertRank:
         self.hidden_size = hidden_size
         self.receivers = tuple(range(1, dist.get_world_size(group)))
         self.dtype = shard.layers[0].dtype
-        self.timings = StepTimings()
+        self.timings = StepTimings.for_device(device)
         self.steps = 0
         self.rows_per_local_expert = torch.zeros(len(shard.layers), len(shard.expert_ids), dtype=torch.int64)
 
