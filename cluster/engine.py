@@ -15,7 +15,7 @@ from cluster.engine_stats import EngineStats
 from cluster.errors import InvalidRequest
 from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
 from cluster.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
-from workers.model.sampler import sample_next
+from workers.model.sampler import draw_seed, sample_next
 from workers.runtime.attention_rank import AttentionRank
 from workers.runtime.timing import StepTimings
 
@@ -54,7 +54,9 @@ class LLMEngine:
 
     def add_request(self, request: GenerationRequest) -> None:
         self.validate(request)
-        seq = Sequence(request=request, generator=request.sampling.make_generator(), arrival=time.monotonic())
+        sampling = request.sampling
+        seed = None if sampling.greedy else (sampling.seed if sampling.seed is not None else draw_seed())
+        seq = Sequence(request=request, seed=seed, arrival=time.monotonic())
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -92,7 +94,8 @@ class LLMEngine:
         with timings.phase("sampling"):
             logits_BV = self.rank.logits(h_TD[rows.to(h_TD.device)])
             params = [s.seq.request.sampling for s in sampled]
-            ids_B, logprobs_B = sample_next(logits_BV, params, [s.seq.generator for s in sampled])
+            seqs = [s.seq for s in sampled]
+            ids_B, logprobs_B = sample_next(logits_BV, params, [q.seed for q in seqs], [q.num_tokens for q in seqs])
             ids, logprobs = ids_B.tolist(), logprobs_B.tolist()
             return [self._append(s, t, lp) for s, t, lp in zip(sampled, ids, logprobs, strict=True)]
 

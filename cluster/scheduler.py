@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from cluster.requests import GenerationRequest
 from workers.model.attention import SequenceChunk
 from workers.model.kv_cache import CacheFull, KVCachePool, SequenceBlocks
@@ -33,7 +31,7 @@ class SchedulerConfig:
 @dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
-    generator: torch.Generator | None
+    seed: int | None  # the sampling noise's seed (None for greedy requests); see workers.model.sampler
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
