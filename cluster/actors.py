@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -19,10 +19,12 @@ import torch
 
 from cluster.cpu_tuning import RankCpu
 from cluster.engine import LLMEngine
+from cluster.engine_factory import kv_cache_bytes, num_kv_blocks
 from cluster.engine_loop import EngineLoop
 from cluster.errors import WorkerStartError, WorkerUnavailable
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
+from cluster.settings import EngineSettings
 from cluster.torch_thread import TorchThread
 from cluster.update_channel import ChannelAddress
 from workers.comm import ProcessGroupHandle, create_group, free_port
@@ -174,13 +176,13 @@ class Coordinator:
         except Exception as exc:
             raise WorkerStartError(f"coordinator failed to load its weights: {exc}") from exc
 
-    def start(self, init_method: str | None, kv_blocks: int, block_size: int) -> None:
+    def start(self, init_method: str | None, engine: EngineSettings) -> None:
         """Joins the expert-parallel group (all ranks at once) and starts the engine loop."""
-        self.torch_thread.call(self._build_engine, init_method, kv_blocks, block_size)
+        self.torch_thread.call(self._build_engine, init_method, engine)
         assert self.loop is not None
         self.loop.start(self.torch_thread)
 
-    def _build_engine(self, init_method: str | None, kv_blocks: int, block_size: int) -> None:
+    def _build_engine(self, init_method: str | None, engine: EngineSettings) -> None:
         assert self.dense is not None and self.cfg is not None, "coordinator: load() before start()"
         keepalive = None
         if self.parallel is None:
@@ -201,7 +203,14 @@ class Coordinator:
                 row_bytes=self.cfg.hidden_size * self.settings.dtype.itemsize,
             )
             keepalive = self.experts.keepalive
-        rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks, block_size=block_size,
+        # the cache is sized here, on the coordinator's own device, after its weights are loaded
+        engine = replace(engine, device=_device(self.settings))
+        try:
+            kv_blocks = num_kv_blocks(engine, self.cfg, kv_cache_bytes(engine))
+        except ValueError as exc:
+            raise WorkerStartError(f"coordinator: {exc}") from exc
+        rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks,
+                                       block_size=engine.block_size,
                                        compile_small_steps=self.settings.compile_small_steps)
         self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
@@ -249,4 +258,9 @@ class Coordinator:
 
 
 def _device(settings: RankSettings) -> torch.device:
-    return torch.device("cuda", 0) if settings.device == "cuda" else torch.device("cpu")
+    """The rank's device: its one visible GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), or the CPU."""
+    if settings.device != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise WorkerStartError(f"--device cuda, but node {ray.util.get_node_ip_address()} has no CUDA device")
+    return torch.device("cuda", 0)

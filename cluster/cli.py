@@ -35,7 +35,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Hugging Face Mixtral directory")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
-    parser.add_argument("--kv-cache-mib", type=int, default=256, help="KV-cache memory budget in MiB")
+    parser.add_argument("--kv-cache-mib", type=int, default=None,
+                        help="KV-cache memory budget in MiB (default: 256 on CPU; on CUDA what "
+                             "--gpu-memory-utilization leaves after the weights)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="CUDA without --kv-cache-mib: the share of the device's memory mixserve may hold "
+                             "(weights, activations and the KV cache, which gets the rest)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for this process")
     parser.add_argument("--workers", type=int, default=0, help="Ray expert workers (0 = experts in-process)")
     parser.add_argument("--placement", default="PACK", help="placement group strategy: PACK, SPREAD, STRICT_*")
@@ -129,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> EngineSettings:
-    device = resolve_device(args.device)
+    in_process = args.command == "generate" and args.workers == 0  # `serve` always runs its ranks as Ray actors
+    device = resolve_device(args.device, ranks_run_here=in_process)
     return EngineSettings(
         model_dir=args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-        kv_cache_bytes=args.kv_cache_mib * 2**20, num_workers=args.workers, compile_small_steps=args.compile,
+        kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 2**20,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_workers=args.workers,
+        compile_small_steps=args.compile,
     )
 
 

@@ -20,7 +20,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import Coordinator, ExpertWorker, RankSettings
 from cluster.cpu_tuning import CpuPolicy, RankCpu, plan_rank_cpus
-from cluster.engine_factory import num_kv_blocks
 from cluster.engine_stats import StatsSnapshot
 from cluster.errors import WorkerStartError, WorkerUnavailable
 from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
@@ -139,8 +138,7 @@ class RayExpertParallelEngine:
     def _join_all(self) -> None:
         if self.parallel is not None:
             self.rendezvous = ray.get(self.coordinator.rendezvous_address.remote())
-        kv_blocks = num_kv_blocks(self.settings, self.cfg)
-        refs = [self.coordinator.start.remote(self.rendezvous, kv_blocks, self.settings.block_size)]
+        refs = [self.coordinator.start.remote(self.rendezvous, self.settings)]
         if self.parallel is not None:
             refs += [
                 w.join_group.remote(self.rendezvous, self.parallel)

@@ -8,14 +8,18 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "mixserve-tiny"
+DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | None, *, ranks_run_here: bool) -> torch.device:
+    """The ranks' device. ranks_run_here: the ranks run in this process (offline generation with in-process
+    experts), so CUDA must be here; otherwise they are Ray actors that check their own node, and a gateway
+    without a GPU may start CUDA ranks on GPU nodes (the default then is this machine's)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if ranks_run_here and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
 
@@ -33,7 +37,8 @@ class EngineSettings:
     model_dir: Path
     device: torch.device
     dtype: torch.dtype
-    kv_cache_bytes: int = 256 * 2**20
+    kv_cache_bytes: int | None = None  # None: DEFAULT_CPU_KV_CACHE_BYTES on CPU, from free memory on CUDA
+    gpu_memory_utilization: float = 0.9  # CUDA, kv_cache_bytes None: the share of device memory mixserve may hold
     block_size: int = 16
     num_workers: int = 0
     # torch.compile the layers of small steps (decode) where every expert is in-process: see
@@ -41,7 +46,9 @@ class EngineSettings:
     compile_small_steps: bool = False
 
     def __post_init__(self) -> None:
-        if self.kv_cache_bytes <= 0:
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
