@@ -8,8 +8,9 @@ Performance is reported here, never asserted. Serving code never imports this pa
   machine.py   the machine: description, load, matmul rate, copy bandwidth; the floors they set
   runners.py   the engines over the workload: in-process, Ray, transformers; CPU seconds by process
   offline.py   `bench offline`: every engine over one batch, per round; ratios and floors
-  load.py      `bench serve`'s client: gRPC load generator, per-request traces, latency, /metrics
+  load.py      `bench serve`'s and `bench mixed`'s client: gRPC load generator, per-request traces, latency, /metrics
   serve.py     `bench serve`: a gateway per worker count, a concurrency or request-rate sweep
+  mixed.py     `bench mixed`: long prompts arriving while short streams decode, against the groups apart
   report.py    result records, ratios, JSON, text and Markdown tables
   plot.py      latency against throughput (PNG)
   cli.py       the `mixserve bench` arguments and the run

@@ -1,4 +1,4 @@
-"""`mixserve bench {offline,serve,make-model}`: the arguments and the run (measure, print the tables, write
+"""`mixserve bench {offline,serve,mixed,make-model}`: the arguments and the run (measure, print the tables, write
 JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the bench."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.mixed import MixedOptions, MixedReport, format_mixed, run_mixed
 from cluster.bench.offline import OfflineOptions, run_offline
 from cluster.bench.plot import plot_report
 from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
@@ -34,20 +35,16 @@ def _rates(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated rates (or inf), got {text!r}") from exc
 
 
-def _common(p: argparse.ArgumentParser, *, output_len: int, input_len: int) -> None:
+def _engine_args(p: argparse.ArgumentParser, *, max_batched_tokens: int, workers: tuple[int, ...]) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Hugging Face Mixtral directory")
-    p.add_argument("--input-len", type=int, default=input_len, help="prompt tokens per request")
-    p.add_argument("--output-len", type=int, default=output_len, help="generated tokens per request (exactly)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--workers", type=_ints, default=(0, 1, 2),
+    p.add_argument("--workers", type=_ints, default=workers,
                    help="Ray expert-worker counts, comma-separated; 0 = experts in the coordinator actor")
-    p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the transformers baseline in the same run")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads for every rank and the baseline (all logical CPUs)")
-    p.add_argument("--max-batched-tokens", type=int, default=0,
+    p.add_argument("--max-batched-tokens", type=int, default=max_batched_tokens,
                    help="tokens per engine step (0: every running prompt in one step, like generate)")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size")
     p.add_argument("--compile", action="store_true",
@@ -56,16 +53,49 @@ def _common(p: argparse.ArgumentParser, *, output_len: int, input_len: int) -> N
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens per request in each engine's warm-up")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every engine this many times, interleaved (a shared machine's load then hits all "
-                        "alike); offline reports the median, serve pools the rounds")
+                        "alike); offline reports the median, serve and mixed pool the rounds")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is abandoned")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--ray-worker-niceness", type=int, default=None,
                    help="niceness of the Ray workers of the local Ray the bench starts (default: the bench's own, so "
                         "every engine competes alike with other processes; Ray's default is 15)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--plot", type=Path, default=None, help="write a latency-against-throughput PNG here")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+
+
+def _common(p: argparse.ArgumentParser, *, output_len: int, input_len: int) -> None:
+    """offline and serve: one prompt length, the transformers baseline, a plot."""
+    p.add_argument("--input-len", type=int, default=input_len, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=output_len, help="generated tokens per request (exactly)")
+    _engine_args(p, max_batched_tokens=0, workers=(0, 1, 2))
+    p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the transformers baseline in the same run")
+    p.add_argument("--plot", type=Path, default=None, help="write a latency-against-throughput PNG here")
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """serve and mixed: an external server, or the gateway's CPU share."""
+    p.add_argument("--target", default=None, help="measure this running server (host:port) instead")
+    p.add_argument("--metrics-url", default=None, help="the --target server's /metrics URL")
+    p.add_argument("--reserved-cpus", type=int, default=1,
+                   help="logical CPUs the mixserve ranks leave to the gateway, as `mixserve serve` does by default "
+                        "(they run --threads minus this; the transformers baseline runs --threads)")
+
+
+def _mixed_args(p: argparse.ArgumentParser) -> None:
+    _engine_args(p, max_batched_tokens=1024, workers=(1,))  # 1024: `mixserve serve`'s chunked-prefill budget
+    _server_args(p)
+    p.add_argument("--short-streams", type=int, default=24, help="short requests, all sent at once")
+    p.add_argument("--short-input-len", type=int, default=16, help="prompt tokens per short request")
+    p.add_argument("--short-output-len", type=int, default=128,
+                   help="generated tokens per short request (exactly): long enough to be decoding as long ones arrive")
+    p.add_argument("--long-prompts", type=int, default=6, help="long requests, staggered")
+    p.add_argument("--long-input-len", type=int, default=1500, help="prompt tokens per long request")
+    p.add_argument("--long-output-len", type=int, default=16, help="generated tokens per long request (exactly)")
+    p.add_argument("--long-interval-ms", type=float, default=250.0, help="between two long arrivals")
+    p.add_argument("--long-delay-ms", type=float, default=0.0,
+                   help="together: the first long arrival this long after every short stream has its first token")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="closed loop: concurrent streams, e.g. 1,8,32 (1,8,32 unless --request-rate)")
     load.add_argument("--request-rate", type=_rates, default=None, help="open loop: Poisson rates/s, e.g. 1,4,inf")
     srv.add_argument("--num-prompts", type=int, default=0, help="requests per point (0: the concurrency)")
-    srv.add_argument("--target", default=None, help="measure this running server (host:port) instead")
-    srv.add_argument("--metrics-url", default=None, help="the --target server's /metrics URL")
-    srv.add_argument("--reserved-cpus", type=int, default=1,
-                     help="logical CPUs the mixserve ranks leave to the gateway, as `mixserve serve` does by default "
-                          "(they run --threads minus this; the transformers baseline runs --threads)")
+    _server_args(srv)
+    mixed = modes.add_parser("mixed", formatter_class=defaults,
+                             help="long prompts arriving over gRPC while short streams decode, against the two "
+                                  "groups served apart on the same server (the issue-17 scenario with the defaults "
+                                  "and the w1-random preset)")
+    _mixed_args(mixed)
     model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)",
                              formatter_class=defaults)
     model.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -111,11 +142,12 @@ def _ray_worker_niceness(args: argparse.Namespace) -> str:
     return str(niceness)
 
 
-def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int) -> EngineSetup:
-    device = resolve_device(args.device)
+def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int, here: bool) -> EngineSetup:
+    """here: something runs on the device in this process (the in-process engine, the transformers baseline)."""
+    device = resolve_device(args.device, ranks_run_here=here)
     return EngineSetup(
         model_dir=args.model, device=device, dtype=resolve_dtype(args.dtype, device), threads_per_rank=args.threads,
-        max_batched_tokens=args.max_batched_tokens or max_num_seqs * args.input_len, max_num_seqs=max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens or max_num_seqs * input_len, max_num_seqs=max_num_seqs,
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=_ray_worker_niceness(args),
         reserved_cpus=getattr(args, "reserved_cpus", 0), compile_small_steps=args.compile,
@@ -126,18 +158,33 @@ def _offline(args: argparse.Namespace) -> OfflineReport:
     workload = Workload(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                         seed=args.seed)
     return run_offline(OfflineOptions(
-        setup=_engine_setup(args, max_num_seqs=args.num_prompts), workload=workload, workers=args.workers,
-        in_process=args.in_process, transformers=args.transformers, ray_address=args.ray_address))
+        setup=_engine_setup(args, max_num_seqs=args.num_prompts, input_len=args.input_len, here=True),
+        workload=workload, workers=args.workers, in_process=args.in_process, transformers=args.transformers,
+        ray_address=args.ray_address))
 
 
 def _serve(args: argparse.Namespace) -> ServeReport:
     concurrency = args.concurrency or (() if args.request_rate else (1, 8, 32))
     in_flight = max(concurrency) if concurrency else args.num_prompts
+    setup = _engine_setup(args, max_num_seqs=max(in_flight, 1), input_len=args.input_len, here=args.transformers)
     return run_serve(ServeOptions(
-        setup=_engine_setup(args, max_num_seqs=max(in_flight, 1)), input_len=args.input_len,
-        output_len=args.output_len, num_prompts=args.num_prompts, seed=args.seed, concurrency=concurrency,
-        request_rates=args.request_rate or (), workers=args.workers, transformers=args.transformers,
+        setup=setup, input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
+        seed=args.seed, concurrency=concurrency, request_rates=args.request_rate or (), workers=args.workers,
+        transformers=args.transformers,
         target=args.target, metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout))
+
+
+def _mixed(args: argparse.Namespace) -> MixedReport:
+    short = Workload(num_prompts=args.short_streams, input_len=args.short_input_len,
+                     output_len=args.short_output_len, seed=args.seed)
+    long = Workload(num_prompts=args.long_prompts, input_len=args.long_input_len, output_len=args.long_output_len,
+                    seed=args.seed + 1)
+    setup = _engine_setup(args, max_num_seqs=short.num_prompts + long.num_prompts,
+                          input_len=max(short.input_len, long.input_len), here=False)
+    return run_mixed(MixedOptions(
+        setup=setup, short=short, long=long, long_interval_s=args.long_interval_ms / 1e3,
+        long_delay_s=args.long_delay_ms / 1e3, workers=args.workers, target=args.target,
+        metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout))
 
 
 def main(argv: list[str]) -> int:
@@ -150,13 +197,16 @@ def main(argv: list[str]) -> int:
     if args.bench_mode == "offline":
         report = _offline(args)
         print(format_offline(report, markdown=args.markdown))
+    elif args.bench_mode == "mixed":
+        report = _mixed(args)
+        print(format_mixed(report, markdown=args.markdown))
     else:
         report = _serve(args)
         print(format_serve(report, markdown=args.markdown))
     if args.out is not None:
         write_json(report, args.out)
         print(f"\nresults: {args.out}")
-    if args.plot is not None:
+    if getattr(args, "plot", None) is not None:
         plot_report(report, args.plot)
         print(f"plot: {args.plot}")
     return 0

@@ -1,7 +1,8 @@
-"""The client side of `bench serve`: a load generator streaming GenerateStream requests over one grpc.aio
-channel, closed-loop (a fixed number of concurrent streams) or open-loop (Poisson arrivals at a request
-rate); a trace per request from the chunks as they arrive and its latency summaries; and the server's
-own view, scraped from its Prometheus /metrics.
+"""The client side of `bench serve` and `bench mixed`: a load generator streaming GenerateStream requests over
+one grpc.aio channel, closed-loop (a fixed number of concurrent streams), open-loop (Poisson arrivals at a
+request rate) or in groups with scheduled arrivals (one group's clock may start once another group's
+streams are all decoding); a trace per request from the chunks as they arrive and its latency summaries;
+and the server's own view, scraped from its Prometheus /metrics.
 
 TTFT: send → first chunk carrying tokens. ITL: gaps between token-carrying chunks, a chunk of k tokens
 counting as k gaps of 1/k of its gap (as the gateway's histogram does). TPOT: (last − first token) /
@@ -105,8 +106,8 @@ def summarize(traces: list[ClientTrace]) -> LatencySummary:
     )
 
 
-async def _stream_one(stub: pb_grpc.MixServeStub, prompt: tuple[int, ...], output_len: int, on_tokens: OnTokens,
-                      timeout_s: float) -> ClientTrace:
+async def stream_one(stub: pb_grpc.MixServeStub, prompt: tuple[int, ...], output_len: int, on_tokens: OnTokens,
+                     timeout_s: float) -> ClientTrace:
     sampling = pb.SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
     request = pb.GenerateRequest(prompt_token_ids=list(prompt), sampling=sampling)
     times: list[float] = []
@@ -136,7 +137,7 @@ async def closed_loop(target: str, prompts: list[tuple[int, ...]], output_len: i
 
         async def client() -> None:
             for i in next_index:
-                traces[i] = await _stream_one(stub, prompts[i], output_len, on_tokens, timeout_s)
+                traces[i] = await stream_one(stub, prompts[i], output_len, on_tokens, timeout_s)
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(min(concurrency, len(prompts)))))
@@ -166,11 +167,85 @@ async def open_loop(target: str, prompts: list[tuple[int, ...]], output_len: int
 
         async def client(i: int) -> ClientTrace:
             await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
-            return await _stream_one(stub, prompts[i], output_len, on_tokens, timeout_s)
+            return await stream_one(stub, prompts[i], output_len, on_tokens, timeout_s)
 
         traces = await asyncio.gather(*(client(i) for i in range(len(prompts))))
         seconds = time.perf_counter() - start
     return list(traces), seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupLoad:
+    """One group of requests: each of `prompts` produces exactly output_len tokens and is sent `offsets[i]`
+    seconds after the group's clock starts: at the load's start, or, when `after` names another group, once
+    every stream of that group has received its first token (or ended)."""
+
+    name: str
+    prompts: tuple[tuple[int, ...], ...]
+    output_len: int
+    offsets: tuple[float, ...]
+    after: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) != len(self.prompts):
+            raise ValueError(f"group {self.name}: {len(self.offsets)} offsets for {len(self.prompts)} prompts")
+        if self.after == self.name:
+            raise ValueError(f"group {self.name} cannot wait for its own first tokens")
+
+
+def staggered(count: int, interval_s: float, delay_s: float = 0.0) -> tuple[float, ...]:
+    """Send offsets: one every interval_s seconds after delay_s."""
+    return tuple(delay_s + i * interval_s for i in range(count))
+
+
+async def grouped_load(target: str, groups: tuple[GroupLoad, ...], on_tokens: OnTokens,
+                       timeout_s: float) -> tuple[dict[str, list[ClientTrace]], float, float]:
+    """Every group's requests at their offsets, concurrently; returns the traces by group (in prompt order),
+    the start (time.perf_counter) and the wall seconds from the start to the last request's end."""
+    names = {g.name for g in groups}
+    if len(names) != len(groups) or any(g.after is not None and g.after not in names for g in groups):
+        raise ValueError(f"group names must be unique and `after` must name one of them: {groups}")
+    waiting = {g.name: len(g.prompts) for g in groups}  # streams of the group without a first token yet
+    decoding = {g.name: asyncio.Event() for g in groups}
+    decoding_since: dict[str, float] = {}
+
+    def first_token(name: str) -> None:
+        waiting[name] -= 1
+        if waiting[name] == 0:
+            decoding_since[name] = time.perf_counter()
+            decoding[name].set()
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.MixServeStub(channel)
+        start = time.perf_counter()
+
+        async def client(group: GroupLoad, i: int) -> ClientTrace:
+            clock = start
+            if group.after is not None:
+                await decoding[group.after].wait()
+                clock = decoding_since[group.after]
+            await asyncio.sleep(max(0.0, clock + group.offsets[i] - time.perf_counter()))
+            seen = False
+
+            def count(tokens: int) -> None:
+                nonlocal seen
+                if not seen:
+                    seen = True
+                    first_token(group.name)
+                on_tokens(tokens)
+
+            try:
+                return await stream_one(stub, group.prompts[i], group.output_len, count, timeout_s)
+            finally:
+                if not seen:  # failed before its first token: the groups waiting on this one still start
+                    first_token(group.name)
+
+        traces = await asyncio.gather(*(client(g, i) for g in groups for i in range(len(g.prompts))))
+        seconds = time.perf_counter() - start
+    by_group, rest = {}, iter(traces)
+    for g in groups:
+        by_group[g.name] = [next(rest) for _ in g.prompts]
+    return by_group, start, seconds
 
 
 def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:

@@ -190,7 +190,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(report: OfflineReport | ServeReport, path: Path) -> None:
+def write_json(report: Any, path: Path) -> None:
+    """Any report dataclass (offline, serve, mixed) as indented JSON; non-finite floats become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False) + "\n")
 
@@ -215,11 +216,11 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
-def _load(before_after: tuple[float, float]) -> str:
+def load_range(before_after: tuple[float, float]) -> str:
     return f"{before_after[0]:.1f}→{before_after[1]:.1f}"
 
 
-def _ms(stats: LatencyStats) -> str:
+def ms_percentiles(stats: LatencyStats) -> str:
     return "–" if stats.p50 is None else f"{1e3 * stats.p50:.0f} / {1e3 * stats.p90:.0f} / {1e3 * stats.p99:.0f}"
 
 
@@ -258,7 +259,7 @@ def _worker_cells(per_worker: tuple[dict[str, float], ...]) -> list[list[str]]:
             for w, s in enumerate(per_worker)]
 
 
-def _machine_line(m: RunMeta) -> str:
+def machine_line(m: RunMeta) -> str:
     """Date, machine, load and commit; warnings when the machine was busy at the start or the code changed."""
     line = (f"{m.date_utc} · {m.cpu} ({m.logical_cpus} logical CPUs) · load {m.load_average_start[0]:.2f} → "
             f"{m.load_average_end[0]:.2f} · commit {m.git_commit}")
@@ -271,12 +272,12 @@ def _machine_line(m: RunMeta) -> str:
     return line
 
 
-def _compiled(settings: dict[str, str]) -> str:
+def compiled_note(settings: dict[str, str]) -> str:
     """Marks runs whose in-process experts ran compiled small steps (`--compile`)."""
     return ", small steps compiled" if settings.get("compile_small_steps") == "on" else ""
 
 
-def _join(parts: list[tuple[str, str]]) -> str:
+def join_tables(parts: list[tuple[str, str]]) -> str:
     """Titled tables, the empty ones left out."""
     return "\n\n".join(f"{title}\n\n{table}" if title else table for title, table in parts if table)
 
@@ -285,8 +286,8 @@ def _offline_summary(report: OfflineReport) -> str:
     w, floor, roof, s = report.workload, report.compute_floor, report.roofline_floor, report.settings
     return (
         f"mixserve bench offline · {report.model.path} · {w.num_prompts} prompts × {w.input_len} in / "
-        f"{w.output_len} out · {s['dtype']} on {s['device']}, {s['threads_per_rank']} threads{_compiled(s)} · "
-        f"{s['rounds']} round(s), median reported\n{_machine_line(report.meta)}\n"
+        f"{w.output_len} out · {s['dtype']} on {s['device']}, {s['threads_per_rank']} threads{compiled_note(s)} · "
+        f"{s['rounds']} round(s), median reported\n{machine_line(report.meta)}\n"
         f"compute floor: {floor.flops / 1e9:.1f} GFLOP / {floor.matmul.best / 1e9:.1f} GFLOP/s "
         f"(best {floor.matmul.size}² {floor.matmul.dtype} matmul of {len(floor.matmul.flops_per_s)}) = "
         f"{floor.floor_seconds:.2f} s\n  {floor.formula}\n"
@@ -305,7 +306,7 @@ def format_offline(report: OfflineReport, *, markdown: bool = False) -> str:
                  fmt(run.requests_per_s, 3), _ratio(ratios[run.label].tok_s_vs_transformers),
                  _ratio(ratios[run.label].time_vs_reference), _percent(ratios[run.label].floor_fraction),
                  _percent(ratios[run.label].roofline_fraction), fmt(run.exact_output_len),
-                 _percent(run.agreement_with_transformers), _load(run.load_1m)] for run in report.runs]
+                 _percent(run.agreement_with_transformers), load_range(run.load_1m)] for run in report.runs]
     phases = [[run.label, str(run.steps), fmt(run.prefill_seconds), fmt(run.decode_seconds),
                *(fmt(run.phase_seconds.get(p)) for p in PHASES), fmt(run.unaccounted_seconds), fmt(run.mean_seconds)]
               for run in report.runs]
@@ -315,7 +316,7 @@ def format_offline(report: OfflineReport, *, markdown: bool = False) -> str:
     headers = ["engine", "total s (median)", "best s", "out tok/s", "req/s", "vs transformers (tok/s)",
                "time vs reference (EP overhead)", "of compute floor", "of roofline floor", "exact len",
                "same tokens as transformers", "load 1m"]
-    return _join([
+    return join_tables([
         ("", _offline_summary(report)), ("", f"reference for the EP overhead: {report.reference_label}"),
         ("", render(headers, headline, markdown=markdown)),
         ("seconds per run (means): prefill / decode steps, then the engine's (Ray: coordinator's) phases:",
@@ -329,7 +330,7 @@ def format_offline(report: OfflineReport, *, markdown: bool = False) -> str:
     ])
 
 
-def _threads(settings: dict[str, str]) -> str:
+def threads_summary(settings: dict[str, str]) -> str:
     threads, reserved = int(settings["threads_per_rank"]), int(settings.get("reserved_cpus", "0"))
     if not reserved:
         return f"{threads} threads per rank"
@@ -344,9 +345,10 @@ def _serve_headline(report: ServeReport) -> list[list[str]]:
     for p in sorted(report.points, key=lambda p: order[p.point]):
         r = ratios[(p.point, p.label)]
         rows.append([p.point, p.label, str(p.requests), fmt(p.seconds), fmt(p.output_tokens_per_s, 1),
-                     fmt(p.requests_per_s, 3), _ms(p.latency.ttft), _ms(p.latency.itl), _ms(p.latency.e2e),
+                     fmt(p.requests_per_s, 3), ms_percentiles(p.latency.ttft), ms_percentiles(p.latency.itl),
+                     ms_percentiles(p.latency.e2e),
                      _ratio(r.tok_s_vs_transformers), _ratio(r.time_vs_reference),
-                     fmt(p.exact_output_len) if not p.errors else f"{p.errors} errors", _load(p.load_1m)])
+                     fmt(p.exact_output_len) if not p.errors else f"{p.errors} errors", load_range(p.load_1m)])
     return rows
 
 
@@ -355,8 +357,8 @@ def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     scraped from /metrics, the expert workers' own phases, and the CPU seconds of each process."""
     s = report.settings
     head = (f"mixserve bench serve · {report.model.path} · {report.input_len} in / {report.output_len} out · "
-            f"{s['dtype']} on {s['device']}, {_threads(s)}{_compiled(s)} · {s['rounds']} round(s) pooled\n"
-            f"{_machine_line(report.meta)}")
+            f"{s['dtype']} on {s['device']}, {threads_summary(s)}{compiled_note(s)} · {s['rounds']} round(s) pooled\n"
+            f"{machine_line(report.meta)}")
     phases = [[p.point, p.label, *(fmt(p.server_phase_seconds.get(ph, 0.0)) for ph in PHASES),
                fmt(sum(p.server_phase_seconds.values())), fmt(p.seconds)]
               for p in report.points if p.server_phase_seconds]
@@ -366,7 +368,7 @@ def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     headers = ["point", "engine", "req", "total s", "out tok/s", "req/s", "TTFT ms p50/p90/p99",
                "ITL ms p50/p90/p99", "E2E ms p50/p90/p99", "vs transformers (tok/s)", "time vs reference",
                "exact len", "load 1m"]
-    return _join([
+    return join_tables([
         ("", head), ("", f"reference: {report.reference_label}"),
         ("", render(headers, _serve_headline(report), markdown=markdown, text_columns=2)),
         ("server-side phase seconds per point (mixserve_step_phase_seconds_sum, after − before):",
