@@ -67,7 +67,14 @@ class AttentionRank:
     def forward(
         self, token_ids_T: torch.Tensor, chunks: list[SequenceChunk], timings: StepTimings
     ) -> torch.Tensor:
-        """Runs the layer stack over the step's new tokens; returns final hidden states [T, D]."""
+        """Runs the layer stack over the step's new tokens; returns final hidden states [T, D].
+
+        Host syncs per layer (on CUDA the host waits for the device there; nothing else in the loop does):
+          - LocalExperts: the rows per expert (`local_moe`'s bincount .tolist()), which size each expert's
+            matmul or the padded batch;
+          - DistributedExperts: the rows per receiving rank (`plan.input_splits`), which the all-to-all's
+            split sizes need, and on the split-size path the received counts. Per step, not per layer: the
+            attention metadata (built on the host, copied once) and the step header's broadcast."""
         assert token_ids_T.shape[0] == sum(c.num_new for c in chunks), (
             f"{token_ids_T.shape[0]} token ids for chunks totalling {sum(c.num_new for c in chunks)}"
         )
