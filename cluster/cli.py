@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cluster.allocator import MallocSettings
-from cluster.cpu_tuning import CpuPolicy
+from cluster.cpu_tuning import CpuPolicy, gateway_reserved_cpus
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError, WorkerStartError
 from cluster.gateway.security import DEFAULT_MAX_MESSAGE_BYTES, SecurityOptions, load_api_keys, load_security
@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
     srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
-    srv.add_argument("--reserved-cpus", type=int, default=1,
+    srv.add_argument("--reserved-cpus", type=int, default=None,
                      help="logical CPUs the ranks on this host leave to the gateway: they run that many fewer torch "
-                          "threads (at least 1)")
+                          "threads (at least 1); default: 1 for models of under 50M active parameters per token, "
+                          "whose tokens are cheap next to streaming them, else 0 (measured: docs/PERFORMANCE.md)")
     _add_serve_security_args(srv)
 
     cli = sub.add_parser("client", help="stream a completion from a running server")
@@ -156,8 +157,16 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
 def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
     return ClusterOptions(
         num_workers=args.workers, placement_strategy=args.placement, collective_timeout_s=args.collective_timeout,
-        cpu=CpuPolicy(threads_per_rank=args.threads, reserved_cpus=getattr(args, "reserved_cpus", 0)),
+        cpu=CpuPolicy(threads_per_rank=args.threads, reserved_cpus=_reserved_cpus(args)),
     )
+
+
+def _reserved_cpus(args: argparse.Namespace) -> int:
+    if args.command != "serve":
+        return 0  # no gateway
+    if args.reserved_cpus is not None:
+        return args.reserved_cpus
+    return gateway_reserved_cpus(ModelConfig.from_model_dir(args.model).active_params_per_token)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -72,6 +72,14 @@ class ModelConfig:
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ConfigError(f"{name} ({token_id}) is outside the vocabulary [0, {self.vocab_size})")
 
+    @property
+    def active_params_per_token(self) -> int:
+        """Weights one token's forward pass multiplies by: attention, router, its top-k experts, lm_head."""
+        d, heads, kv_heads = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        attention = d * (heads + 2 * kv_heads) * self.head_dim + heads * self.head_dim * d
+        experts = self.num_experts_per_tok * 3 * d * self.intermediate_size
+        return self.num_hidden_layers * (attention + d * self.num_local_experts + experts) + self.vocab_size * d
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from the dict of a Hugging Face Mixtral `config.json` (transformers 4.x or 5.x)."""

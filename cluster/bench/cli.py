@@ -16,7 +16,9 @@ from cluster.bench.plot import plot_report
 from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
 from cluster.bench.serve import ServeOptions, run_serve
 from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
+from cluster.cpu_tuning import gateway_reserved_cpus
 from cluster.settings import DEFAULT_MODEL_DIR, resolve_device, resolve_dtype
+from workers.config import ModelConfig
 
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
 
@@ -78,9 +80,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     """serve and mixed: an external server, or the gateway's CPU share."""
     p.add_argument("--target", default=None, help="measure this running server (host:port) instead")
     p.add_argument("--metrics-url", default=None, help="the --target server's /metrics URL")
-    p.add_argument("--reserved-cpus", type=int, default=1,
-                   help="logical CPUs the mixserve ranks leave to the gateway, as `mixserve serve` does by default "
-                        "(they run --threads minus this; the transformers baseline runs --threads)")
+    p.add_argument("--reserved-cpus", type=int, default=None,
+                   help="logical CPUs the mixserve ranks leave to the gateway (they run --threads minus this; the "
+                        "transformers baseline runs --threads); default: what `mixserve serve` picks for the model")
 
 
 def _mixed_args(p: argparse.ArgumentParser) -> None:
@@ -142,6 +144,14 @@ def _ray_worker_niceness(args: argparse.Namespace) -> str:
     return str(niceness)
 
 
+def _reserved_cpus(args: argparse.Namespace) -> int:
+    if getattr(args, "reserved_cpus", None) is not None:
+        return args.reserved_cpus
+    if not hasattr(args, "reserved_cpus"):  # offline: no gateway
+        return 0
+    return gateway_reserved_cpus(ModelConfig.from_model_dir(args.model).active_params_per_token)
+
+
 def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int, here: bool) -> EngineSetup:
     """here: something runs on the device in this process (the in-process engine, the transformers baseline)."""
     device = resolve_device(args.device, ranks_run_here=here)
@@ -150,7 +160,7 @@ def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int
         max_batched_tokens=args.max_batched_tokens or max_num_seqs * input_len, max_num_seqs=max_num_seqs,
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=_ray_worker_niceness(args),
-        reserved_cpus=getattr(args, "reserved_cpus", 0), compile_small_steps=args.compile,
+        reserved_cpus=_reserved_cpus(args), compile_small_steps=args.compile,
     )
 
 

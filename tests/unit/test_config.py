@@ -60,3 +60,12 @@ def test_typed_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(InvalidRequest("top_p", "must be in (0, 1]")))
     assert isinstance(err, InvalidRequest) and err.field == "top_p" and str(err) == "top_p: must be in (0, 1]"
+
+
+def test_active_params_per_token_count_one_tokens_weights():
+    cfg = ModelConfig.from_hf_dict(dict(
+        vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    ))
+    # per layer: q 8x8 + k, v 2 x 8x4 + o 8x8 = 192, router 8x4 = 32, two experts of 3 x 8x12 = 576; lm_head 800
+    assert cfg.active_params_per_token == 2 * (192 + 32 + 576) + 800
