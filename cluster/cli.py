@@ -28,6 +28,7 @@ from workers.model.checkpoint import CheckpointError
 from workers.model.fused_decode import CompileFailed
 from workers.model.sampler import SamplingParams
 
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 API_KEY_ENV = "MIXSERVE_API_KEY"  # read by `mixserve client` only, when --api-key-file is not given
 
 
@@ -36,8 +37,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     parser.add_argument("--kv-cache-mib", type=int, default=None,
-                        help="KV-cache memory budget in MiB (default: 256 on CPU; on CUDA what "
-                             "--gpu-memory-utilization leaves after the weights)")
+                        help="KV-cache memory budget in MiB; None: 256 on CPU, on CUDA what "
+                             "--gpu-memory-utilization leaves after the weights")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="CUDA without --kv-cache-mib: the share of the device's memory mixserve may hold "
                              "(weights, activations and the KV cache, which gets the rest)")
@@ -90,9 +91,9 @@ def _add_client_security_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mixserve", description=__doc__, formatter_class=DEFAULTS)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="offline generation with an in-process engine")
+    gen = sub.add_parser("generate", help="offline generation with an in-process engine", formatter_class=DEFAULTS)
     _add_engine_args(gen)
     _add_sampling_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--token-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
-    srv = sub.add_parser("serve", help="serve the gRPC API (gateway + Ray coordinator and expert workers)")
+    srv = sub.add_parser("serve", help="serve the gRPC API (gateway + Ray coordinator and expert workers)",
+                         formatter_class=DEFAULTS)
     _add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="gRPC bind address (0.0.0.0 for all interfaces)")
     srv.add_argument("--port", type=int, default=50051)
@@ -114,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
     srv.add_argument("--reserved-cpus", type=int, default=None,
                      help="logical CPUs the ranks on this host leave to the gateway: they run that many fewer torch "
-                          "threads (at least 1); default: 1 for models of under 50M active parameters per token, "
+                          "threads (at least 1); None: 1 for models of under 50M active parameters per token, "
                           "whose tokens are cheap next to streaming them, else 0 (measured: docs/PERFORMANCE.md)")
     _add_serve_security_args(srv)
 
-    cli = sub.add_parser("client", help="stream a completion from a running server")
+    cli = sub.add_parser("client", help="stream a completion from a running server", formatter_class=DEFAULTS)
     cli.add_argument("--target", default="127.0.0.1:50051")
     source = cli.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
