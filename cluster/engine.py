@@ -71,7 +71,9 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[SequenceUpdate]:
+        preempted_before = self.scheduler.num_preemptions
         plan = self.scheduler.schedule()
+        self.stats.preemptions += self.scheduler.num_preemptions - preempted_before
         if not plan:
             return []
         timings = StepTimings.for_device(self.rank.model.device)

@@ -19,6 +19,7 @@ class StatsSnapshot:
     batch_tokens: tuple[int, ...]
     phase_seconds: tuple[dict[str, float], ...]
     routed_tokens_LE: tuple[tuple[int, ...], ...]  # since the previous snapshot
+    preemptions: int = 0  # since the previous snapshot
 
 
 @dataclass
@@ -29,6 +30,7 @@ class EngineStats:
     batch_sizes: list[int] = field(default_factory=list)
     batch_tokens: list[int] = field(default_factory=list)
     phase_seconds: list[dict[str, float]] = field(default_factory=list)
+    preemptions: int = 0
     routed_tokens_LE: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,7 +48,9 @@ class EngineStats:
             batch_sizes=tuple(self.batch_sizes), batch_tokens=tuple(self.batch_tokens),
             phase_seconds=tuple(self.phase_seconds),
             routed_tokens_LE=tuple(tuple(row) for row in self.routed_tokens_LE.tolist()),
+            preemptions=self.preemptions,
         )
+        self.preemptions = 0
         self.batch_sizes.clear()
         self.batch_tokens.clear()
         self.phase_seconds.clear()
@@ -70,4 +74,5 @@ def merge_snapshots(snapshots: list[StatsSnapshot]) -> StatsSnapshot | None:
         batch_tokens=tuple(b for s in snapshots for b in s.batch_tokens),
         phase_seconds=tuple(p for s in snapshots for p in s.phase_seconds),
         routed_tokens_LE=tuple(tuple(row) for row in routed),
+        preemptions=sum(s.preemptions for s in snapshots),
     )

@@ -73,6 +73,7 @@ class Scheduler:
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # running sequences evicted so far to free KV blocks (recomputed later)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -124,6 +125,7 @@ class Scheduler:
                 return True
             except CacheFull:
                 victim = self.running[-1]
+                self.num_preemptions += 1
                 self.running.remove(victim)
                 self.pool.release(victim.blocks)
                 self.waiting.appendleft(victim)

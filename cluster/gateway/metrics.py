@@ -41,6 +41,8 @@ class GatewayMetrics:
         self.running = Gauge("mixserve_num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("mixserve_num_requests_waiting", "Requests waiting for admission", registry=r)
         self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.preemptions = Counter("mixserve_preemptions", "Running sequences evicted to free KV blocks (recomputed "
+                                   "later)", registry=r)
         self.expert_tokens = Counter("mixserve_expert_routed_tokens", "Token rows routed to each expert",
                                      ["layer", "expert"], registry=r)
         self.worker_tokens = Counter("mixserve_worker_routed_tokens", "Token rows routed to each expert worker",
@@ -61,6 +63,7 @@ class GatewayMetrics:
             self.worker_up.labels(worker=str(worker)).set(0)
 
     def observe_stats(self, stats: StatsSnapshot) -> None:
+        self.preemptions.inc(stats.preemptions)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)

@@ -39,6 +39,7 @@ COUNTERS = {
     "mixserve_worker_routed_tokens_total",
     "mixserve_worker_failures_total",
     "mixserve_worker_recoveries_total",
+    "mixserve_preemptions_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",

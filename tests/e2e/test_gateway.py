@@ -189,7 +189,7 @@ def test_metrics_agree_with_the_traffic(ray_cluster, served_model):
     assert _metric(text, "mixserve_worker_up") == 2
     assert _metric(text, "mixserve_num_expert_workers") == 2
     for name in ("mixserve_num_requests_running", "mixserve_num_requests_waiting", "mixserve_kv_cache_usage_ratio",
-                 "mixserve_worker_failures_total", "mixserve_step_phase_seconds_bucket"):
+                 "mixserve_worker_failures_total", "mixserve_step_phase_seconds_bucket", "mixserve_preemptions_total"):
         assert name in text
 
 

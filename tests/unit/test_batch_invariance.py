@@ -53,6 +53,9 @@ def test_arrival_mid_decode_and_preemption_keep_tokens(tiny8):
         for update in engine.step():
             outputs.setdefault(update.request_id, []).extend(update.token_ids)
     assert preempted, "the cache never ran out: nothing was preempted"
+    assert engine.scheduler.num_preemptions == len(preempted)
+    snapshot = engine.stats.take(num_running=0, num_waiting=0, kv_cache_usage=0.0)  # what the metrics export
+    assert snapshot.preemptions == len(preempted)
     assert any(len(tokens) > 0 for tokens in preempted), f"only sequences without output were preempted: {preempted}"
     assert [outputs[str(i)] for i in range(4)] == solo
     assert rank.pool.usage == 0.0
