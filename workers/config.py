@@ -72,13 +72,23 @@ class ModelConfig:
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ConfigError(f"{name} ({token_id}) is outside the vocabulary [0, {self.vocab_size})")
 
+    def params_per_token_by_part(self) -> dict[str, int]:
+        """Weights one token's forward pass multiplies by, by part: in each layer its attention projections,
+        the router and its top-k experts; once, the lm_head (for a sampled position)."""
+        d, heads, kv_heads = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        return {
+            "attention_projections": d * (heads + 2 * kv_heads) * self.head_dim + heads * self.head_dim * d,
+            "router": d * self.num_local_experts,
+            "experts_top_k": self.num_experts_per_tok * 3 * d * self.intermediate_size,
+            "lm_head": self.vocab_size * d,
+        }
+
     @property
     def active_params_per_token(self) -> int:
-        """Weights one token's forward pass multiplies by: attention, router, its top-k experts, lm_head."""
-        d, heads, kv_heads = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
-        attention = d * (heads + 2 * kv_heads) * self.head_dim + heads * self.head_dim * d
-        experts = self.num_experts_per_tok * 3 * d * self.intermediate_size
-        return self.num_hidden_layers * (attention + d * self.num_local_experts + experts) + self.vocab_size * d
+        """Weights one sampled token's forward pass multiplies by: every layer's parts and the lm_head."""
+        parts = self.params_per_token_by_part()
+        lm_head = parts.pop("lm_head")
+        return self.num_hidden_layers * sum(parts.values()) + lm_head
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:

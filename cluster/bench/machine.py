@@ -242,15 +242,7 @@ class RooflineFloor:
 
 
 def params_per_token(cfg: ModelConfig) -> ParamsPerToken:
-    d, dh, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    return ParamsPerToken(
-        attention_projections=d * (heads + 2 * kv_heads) * dh + heads * dh * d,
-        router=d * cfg.num_local_experts,
-        experts_top_k=cfg.num_experts_per_tok * 3 * d * f,
-        layers=cfg.num_hidden_layers,
-        lm_head=cfg.vocab_size * d,
-    )
+    return ParamsPerToken(**cfg.params_per_token_by_part(), layers=cfg.num_hidden_layers)
 
 
 def compute_floor(cfg: ModelConfig, workload: Workload, rate: MatmulRate) -> ComputeFloor:
