@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cluster.allocator import MallocSettings
-from cluster.cpu_tuning import CpuPolicy, gateway_reserved_cpus
+from cluster.cpu_tuning import CpuPolicy
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError, WorkerStartError
 from cluster.gateway.security import DEFAULT_MAX_MESSAGE_BYTES, SecurityOptions, load_api_keys, load_security
@@ -21,7 +21,7 @@ from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.ray_session import ray_session
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
-from cluster.settings import DEFAULT_MODEL_DIR, EngineSettings, resolve_device, resolve_dtype
+from cluster.settings import DEFAULT_MODEL_DIR, EngineSettings, resolve_device, resolve_dtype, resolve_reserved_cpus
 from cluster.tokenizer import TextTokenizer, require_tokenizer
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointError
@@ -164,11 +164,7 @@ def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
 
 
 def _reserved_cpus(args: argparse.Namespace) -> int:
-    if args.command != "serve":
-        return 0  # no gateway
-    if args.reserved_cpus is not None:
-        return args.reserved_cpus
-    return gateway_reserved_cpus(ModelConfig.from_model_dir(args.model).active_params_per_token)
+    return resolve_reserved_cpus(args.reserved_cpus, args.model) if args.command == "serve" else 0  # else no gateway
 
 
 def run_generate(args: argparse.Namespace) -> int:

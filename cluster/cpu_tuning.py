@@ -66,19 +66,6 @@ class RankCpu:
         return threads
 
 
-# Below this many active parameters per token a token costs the ranks little next to what the gateway spends
-# streaming it, so the ranks on the gateway's host leave it a core. Measured on 2 cores, --concurrency 32
-# (docs/PERFORMANCE.md, 2026-12-04): the shipped 1.7M-parameter model streams 9-17% more tokens/s with the core
-# reserved (5-10% with 1 expert worker); W2 (230M) streams 38% fewer (42 against 68 tok/s) with it reserved,
-# its gateway using 2% of a core.
-GATEWAY_CORE_BELOW_PARAMS = 50_000_000
-
-
-def gateway_reserved_cpus(active_params_per_token: int) -> int:
-    """`mixserve serve`'s default --reserved-cpus for a model (see GATEWAY_CORE_BELOW_PARAMS)."""
-    return 1 if active_params_per_token < GATEWAY_CORE_BELOW_PARAMS else 0
-
-
 def threads_after_reserve(threads: int, reserved_cpus: int) -> int:
     """Torch threads of a rank that leaves reserved_cpus of its host to the gateway (at least 1)."""
     return max(1, threads - reserved_cpus)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from workers.config import ModelConfig
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "mixserve-tiny"
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,6 +24,27 @@ def resolve_device(name: str | None, *, ranks_run_here: bool) -> torch.device:
     if ranks_run_here and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+# Below this many active parameters per token a token costs the ranks little next to what the gateway spends
+# streaming it, so the ranks on the gateway's host leave it a core. Measured on 2 cores, --concurrency 32
+# (docs/PERFORMANCE.md, 2026-12-04): the shipped 1.7M-parameter model streams 9-17% more tokens/s with the core
+# reserved (5-10% with 1 expert worker); W2 (230M) streams 38% fewer (42 against 68 tok/s) with it reserved,
+# its gateway using 2% of a core.
+GATEWAY_CORE_BELOW_PARAMS = 50_000_000
+
+
+def gateway_reserved_cpus(active_params_per_token: int) -> int:
+    """`mixserve serve`'s default --reserved-cpus for a model (see GATEWAY_CORE_BELOW_PARAMS)."""
+    return 1 if active_params_per_token < GATEWAY_CORE_BELOW_PARAMS else 0
+
+
+def resolve_reserved_cpus(requested: int | None, model_dir: Path) -> int:
+    """The CPUs the ranks on a gateway's host leave to it: `requested`, or the model's default
+    (cluster.cpu_tuning.gateway_reserved_cpus)."""
+    if requested is not None:
+        return requested
+    return gateway_reserved_cpus(ModelConfig.from_model_dir(model_dir).active_params_per_token)
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:

@@ -16,9 +16,7 @@ from cluster.bench.plot import plot_report
 from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
 from cluster.bench.serve import ServeOptions, run_serve
 from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
-from cluster.cpu_tuning import gateway_reserved_cpus
-from cluster.settings import DEFAULT_MODEL_DIR, resolve_device, resolve_dtype
-from workers.config import ModelConfig
+from cluster.settings import DEFAULT_MODEL_DIR, resolve_device, resolve_dtype, resolve_reserved_cpus
 
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
 
@@ -145,11 +143,9 @@ def _ray_worker_niceness(args: argparse.Namespace) -> str:
 
 
 def _reserved_cpus(args: argparse.Namespace) -> int:
-    if getattr(args, "reserved_cpus", None) is not None:
-        return args.reserved_cpus
     if not hasattr(args, "reserved_cpus"):  # offline: no gateway
         return 0
-    return gateway_reserved_cpus(ModelConfig.from_model_dir(args.model).active_params_per_token)
+    return resolve_reserved_cpus(args.reserved_cpus, args.model)
 
 
 def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int, here: bool) -> EngineSetup:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cluster.allocator import MallocSettings
-from cluster.cpu_tuning import CpuPolicy, gateway_reserved_cpus, plan_rank_cpus
-from cluster.settings import DEFAULT_MODEL_DIR
+from cluster.cpu_tuning import CpuPolicy, plan_rank_cpus
+from cluster.settings import DEFAULT_MODEL_DIR, gateway_reserved_cpus
 from workers.config import ModelConfig
 
 
