@@ -40,6 +40,7 @@ COUNTERS = {
     "mixserve_worker_failures_total",
     "mixserve_worker_recoveries_total",
     "mixserve_preemptions_total",
+    "mixserve_request_replays_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",
@@ -48,6 +49,7 @@ HISTOGRAMS = {
     "mixserve_request_queue_time_seconds",
     "mixserve_batch_size",
     "mixserve_step_phase_seconds",
+    "mixserve_recovery_seconds",
 }
 GAUGES = {
     "mixserve_num_requests_running",

@@ -76,7 +76,10 @@ def test_dashboard_covers_the_serving_signals(dashboard):
         r"histogram_quantile\(0\.99, .*mixserve_inter_token_latency_seconds_bucket",
         r"mixserve_num_requests_waiting", r"mixserve_num_requests_running", r"mixserve_kv_cache_usage_ratio",
         r"mixserve_batch_size", r"sum by \(phase\).*mixserve_step_phase_seconds", r"mixserve_worker_up",
-        r"mixserve_request_queue_time_seconds_bucket",
+        r"mixserve_request_queue_time_seconds_bucket", r"rate\(mixserve_request_replays_total",
+        r"histogram_quantile\(0\.5, .*mixserve_recovery_seconds_bucket",
+        r"histogram_quantile\(0\.99, .*mixserve_recovery_seconds_bucket",
+        r"mixserve_worker_failures_total", r"mixserve_worker_recoveries_total",
     ]:
         assert queried(pattern), f"no panel queries {pattern}"
     expert_load = queried(r"by \(layer, expert\).*mixserve_expert_routed_tokens_total")
