@@ -177,7 +177,9 @@ class Coordinator:
             raise WorkerStartError(f"coordinator failed to load its weights: {exc}") from exc
 
     def start(self, init_method: str | None, engine: EngineSettings) -> None:
-        """Joins the expert-parallel group (all ranks at once) and starts the engine loop."""
+        """Joins the expert-parallel group (all ranks at once) and starts the engine loop. After halt() it
+        starts again on a new group with the weights it holds (a fresh KV cache: requests are replayed)."""
+        assert self.loop is None or not self.loop.running, "coordinator: halt() before starting again"
         self.torch_thread.call(self._build_engine, init_method, engine)
         assert self.loop is not None
         self.loop.start(self.torch_thread)
@@ -237,6 +239,22 @@ class Coordinator:
     def failure(self) -> str | None:
         return self.loop.failure if self.loop else None
 
+    def halt(self) -> None:
+        """Stops the loop without the STOP handshake (a peer died, or the group is being re-formed) and leaves
+        the group, keeping the weights for start(). Raises WorkerUnavailable if the loop stays stuck in a
+        collective: then this process must be replaced."""
+        if self.loop is not None:
+            self.loop.stop(timeout_s=self.settings.collective_timeout_s)
+            if self.loop.running:
+                raise WorkerUnavailable("coordinator: the engine loop is stuck in a collective")
+            self.loop.close_publisher()
+        self.torch_thread.call(self._destroy_group)
+
+    def _destroy_group(self) -> None:
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
+
     def stop(self) -> None:
         """Stops the loop, tells the expert ranks to stop, and leaves the group."""
         if self.loop is None:
@@ -253,8 +271,7 @@ class Coordinator:
             if self.loop.failure is None and isinstance(self.experts, DistributedExperts):
                 self.experts.stop()
         finally:
-            if self.group is not None:
-                self.group.destroy()
+            self._destroy_group()
 
 
 def _device(settings: RankSettings) -> torch.device:

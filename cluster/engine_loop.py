@@ -99,7 +99,7 @@ class EngineLoop:
             with self._cond:
                 self._cond.wait_for(self._has_input, timeout=self.keepalive_interval_s)
                 if self._stopping:
-                    self._close_publisher()
+                    self.close_publisher()
                     return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
@@ -147,7 +147,8 @@ class EngineLoop:
         except ChannelClosed as exc:
             self._lose_subscriber(publisher, exc)
 
-    def _close_publisher(self) -> None:
+    def close_publisher(self) -> None:
+        """Closes the channel to the subscriber (at stop, or when a halted loop is replaced)."""
         with self._cond:
             publisher, self._publisher = self._publisher, None
         if publisher is not None:

@@ -48,6 +48,29 @@ class ClusterOptions:
             raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
 
 
+@dataclass(frozen=True)
+class RestartReport:
+    """What a restart replaced and how long each part took."""
+
+    replaced: tuple[str, ...]  # rank names: "coordinator", "expert worker 0", ...
+    full: bool  # every rank and the placement group were replaced
+    halt_s: float  # survivors stop their loops and leave the old group; the dead are found
+    replace_s: float  # the dead are killed, their replacements started and loaded
+    join_s: float  # every rank joins the new group; the engine loop starts
+
+    @property
+    def seconds(self) -> float:
+        return self.halt_s + self.replace_s + self.join_s
+
+
+def rank_name(rank: int) -> str:
+    return "coordinator" if rank == 0 else f"expert worker {rank - 1}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class RayExpertParallelEngine:
     def __init__(
         self, settings: EngineSettings, options: ClusterOptions, scheduler: SchedulerConfig | None = None
@@ -65,6 +88,8 @@ class RayExpertParallelEngine:
         self.coordinator = None
         self.workers: list = []
         self.worker_runs: list = []
+        self._rank_settings: RankSettings | None = None
+        self._cpus: list[RankCpu] = []
         self.rendezvous: str | None = None
         self.restarts = 0
         self.updates = UpdateReceiver()
@@ -96,22 +121,30 @@ class RayExpertParallelEngine:
             ) from exc
         table = placement_group_table(self.pg)["bundles_to_node_id"]
         nodes = [table[b] for b in range(world)]
-        cpus = plan_rank_cpus(self.options.cpu, nodes, ray.get_runtime_context().get_node_id())
+        nccl_timeout_s = self.options.collective_timeout_s if self.settings.device.type == "cuda" else None
+        cpus = plan_rank_cpus(self.options.cpu, nodes, ray.get_runtime_context().get_node_id(),
+                              nccl_timeout_s=nccl_timeout_s)
         rank_settings = RankSettings(
             model_dir=self.settings.model_dir, dtype=self.settings.dtype, device=self.settings.device.type,
             backend="nccl" if self.settings.device.type == "cuda" else "gloo",
             collective_timeout_s=self.options.collective_timeout_s,
             compile_small_steps=self.settings.compile_small_steps,
         )
-        self.coordinator = self._actor(Coordinator, 0, cpus[0], max_concurrency=16).remote(
-            rank_settings, self.parallel, self.scheduler, cpus[0]
-        )
-        self.workers = [
-            self._actor(ExpertWorker, w + 1, cpus[w + 1], max_concurrency=4).remote(
-                w, self.placement.experts_of_worker(w), rank_settings, cpus[w + 1]
+        self._rank_settings, self._cpus = rank_settings, cpus
+        self.coordinator = self._new_rank(0)
+        self.workers = [self._new_rank(w + 1) for w in range(self.options.num_workers)]
+
+    def _new_rank(self, rank: int) -> ray.actor.ActorHandle:
+        """The actor of `rank` (0: the coordinator) in its own bundle of the placement group."""
+        cpu = self._cpus[rank]
+        if rank == 0:
+            return self._actor(Coordinator, 0, cpu, max_concurrency=16).remote(
+                self._rank_settings, self.parallel, self.scheduler, cpu
             )
-            for w in range(self.options.num_workers)
-        ]
+        worker = rank - 1
+        return self._actor(ExpertWorker, rank, cpu, max_concurrency=4).remote(
+            worker, self.placement.experts_of_worker(worker), self._rank_settings, cpu
+        )
 
     def _actor(self, cls: type, bundle: int, cpu: RankCpu, *, max_concurrency: int):
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
@@ -121,9 +154,13 @@ class RayExpertParallelEngine:
             scheduling_strategy=strategy, max_restarts=0, runtime_env={"env_vars": env_vars} if env_vars else None,
         )
 
-    def _load_all(self) -> None:
-        names = ["coordinator"] + [f"expert worker {w}" for w in range(len(self.workers))]
-        refs = [self.coordinator.load.remote()] + [w.load.remote() for w in self.workers]
+    def _load_all(self, ranks: list[int] | None = None) -> None:
+        """Loads the weights of `ranks` (default: every rank) at once; raises WorkerStartError naming each
+        rank that failed."""
+        actors = [self.coordinator, *self.workers]
+        ranks = list(range(len(actors))) if ranks is None else ranks
+        names = [rank_name(r) for r in ranks]
+        refs = [actors[r].load.remote() for r in ranks]
         errors = []
         for name, ref in zip(names, refs, strict=True):
             try:
@@ -150,14 +187,73 @@ class RayExpertParallelEngine:
             raise WorkerStartError(str(exc.cause) if exc.cause else str(exc)) from exc
         self.worker_runs = [w.run.remote() for w in self.workers]
 
-    def restart(self) -> None:
-        """Replaces every actor and re-forms the process group, e.g. after a worker or a node was lost.
-        Requests in flight on the old actors are lost (their callers see WorkerUnavailable)."""
+    def restart(self) -> RestartReport:
+        """Replaces the ranks that died and re-forms the process group with the survivors, which keep their
+        weights (a dead expert worker costs one worker's load, not the model's). When the placement group
+        itself lost a node, every actor and the group are replaced. Requests in flight are lost with the old
+        group (the coordinator's KV cache is rebuilt): the gateway replays them (cluster.gateway.engine_client)."""
         with self._lifecycle:
-            log.warning("restarting the expert-parallel engine (restart %d)", self.restarts + 1)
-            self.shutdown(graceful=False)
-            self.start()
+            started = time.monotonic()
             self.restarts += 1
+            self.updates.close()
+            if self.pg is None or not self._placement_intact():
+                log.warning("restart %d: the placement group lost a bundle; replacing every rank", self.restarts)
+                self.shutdown(graceful=False)
+                self.start()
+                names = tuple(rank_name(r) for r in range(self.options.num_workers + 1))
+                return RestartReport(names, full=True, halt_s=0.0, replace_s=time.monotonic() - started, join_s=0.0)
+            dead = self._halt_ranks()
+            halted = time.monotonic()
+            log.warning("restart %d: replacing %s", self.restarts, ", ".join(map(rank_name, dead)) or "no rank")
+            try:
+                self._replace(dead)
+                replaced = time.monotonic()
+                self._join_all()
+            except BaseException:
+                self.shutdown(graceful=False)
+                raise
+            return RestartReport(tuple(map(rank_name, dead)), full=False, halt_s=halted - started,
+                                 replace_s=replaced - halted, join_s=time.monotonic() - replaced)
+
+    def _placement_intact(self) -> bool:
+        return placement_group_table(self.pg).get("state") == "CREATED"
+
+    def _halt_ranks(self) -> list[int]:
+        """Stops every rank's loop and returns the ranks that must be replaced: dead, or stuck in a collective
+        beyond the collective timeout. Survivors leave the old group and keep their weights."""
+        timeout_s = self.options.collective_timeout_s + 5.0
+        dead = []
+        try:
+            ray.get(self.coordinator.halt.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayError, WorkerUnavailable) as exc:
+            log.warning("the coordinator must be replaced: %s", _first_line(exc))
+            dead.append(0)
+        if self.worker_runs:  # a worker's loop ends once its peers leave the group (or die)
+            ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
+        for w, run in enumerate(self.worker_runs):
+            if not ray.wait([run], timeout=0)[0]:
+                log.warning("%s is stuck in a collective; replacing it", rank_name(w + 1))
+                dead.append(w + 1)
+                continue
+            try:
+                ray.get(run)
+            except ray.exceptions.RayActorError:
+                dead.append(w + 1)
+            except ray.exceptions.RayTaskError:  # its collective failed when a peer died: it survives
+                pass
+        return dead
+
+    def _replace(self, ranks: list[int]) -> None:
+        """Kills `ranks` and starts their replacements in the same bundles, loading their weights."""
+        for rank in ranks:
+            old = self.coordinator if rank == 0 else self.workers[rank - 1]
+            ray.kill(old, no_restart=True)
+            if rank == 0:
+                self.coordinator = self._new_rank(0)
+            else:
+                self.workers[rank - 1] = self._new_rank(rank)
+        if ranks:
+            self._load_all(ranks)
 
     def shutdown(self, timeout_s: float = 30.0, *, graceful: bool = True) -> None:
         """Stops the loop and the expert ranks, then removes every actor and the placement group.
