@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
     srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    srv.add_argument("--replay-timeout", type=float, default=60.0,
+                     help="seconds a request in flight waits, after an engine failure, to be replayed on the "
+                          "recovered engine before it fails with UNAVAILABLE")
     srv.add_argument("--reserved-cpus", type=int, default=None,
                      help="logical CPUs the ranks on this host leave to the gateway: they run that many fewer torch "
                           "threads (at least 1); None: 1 for models of under 50M active parameters per token, "
@@ -201,7 +204,8 @@ def run_serve(args: argparse.Namespace) -> int:
     security = SecurityOptions(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                api_keys_file=args.api_keys_file, max_message_bytes=args.max_message_bytes)
     options = GatewayOptions(host=args.host, port=args.port, metrics_host=args.metrics_host,
-                             metrics_port=args.metrics_port, grace_s=args.grace, security=security,
+                             metrics_port=args.metrics_port, grace_s=args.grace,
+                             replay_timeout_s=args.replay_timeout, security=security,
                              health_port=args.health_port,
                              limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit,
                                                   max_prompt_chars=args.max_prompt_chars))

@@ -1,47 +1,113 @@
-"""The gateway's asyncio view of the engine: submit and abort over Ray, and one poller that reads the
-updates the coordinator pushes over its update channel and hands each request its own queue. Also
-watches health."""
+"""The gateway's asyncio view of the engine: submit and abort over Ray, one poller that reads the updates
+the coordinator pushes over its update channel and hands each request its own queue, and recovery.
+
+Recovery (issue "zero lost requests"): the first sign of a failed step (an update that says the engine lost
+a request, the update channel closing, a failed health check, a submit refused) flips health to NOT_SERVING
+before anything else happens. The engine then replaces the ranks that died (`RayExpertParallelEngine.restart`)
+and every request in flight is replayed: resubmitted under a fresh engine id as its prompt plus the tokens
+the gateway already received, asking for the tokens still owed, with the same seed. Sampling draws depend on
+(seed, position) only (workers.model.sampler), so the replay yields the tokens an uninterrupted run would
+have, and the client, which has seen only the received tokens, sees one stream. A probe request then runs one
+step through every rank of the new group; only after it succeeds is health SERVING again. A request waits at
+most `replay_timeout_s` from the failure for its replay; then it fails with UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 import ray
 
-from cluster.errors import InvalidRequest, MixServeError
+from cluster.errors import InvalidRequest, MixServeError, WorkerUnavailable
 from cluster.gateway.metrics import GatewayMetrics
-from cluster.ray_engine import RayExpertParallelEngine
+from cluster.ray_engine import RayExpertParallelEngine, RestartReport
 from cluster.requests import GenerationRequest, SequenceUpdate
 from cluster.update_receiver import coordinator_error
+from workers.model.sampler import draw_seed
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 60.0
+
+
+@dataclass(eq=False)
+class RequestStream:
+    request_id: str  # the engine's id for the current attempt (a replay gets a fresh one)
+    client_id: str  # the id the client chose (unique among calls in flight)
+    updates: asyncio.Queue[SequenceUpdate] = field(default_factory=asyncio.Queue)
+    request: GenerationRequest | None = None  # as first submitted, with its seed fixed
+    received: list[int] = field(default_factory=list)  # tokens handed to `updates` so far, every attempt
+    live: bool = False  # the current engine holds this attempt (False: unsent, or lost to a failure)
+    finished: bool = False  # its last update arrived (the servicer has yet to release it)
+    attempts: int = 0
+
+    def continuation(self) -> GenerationRequest:
+        """The request that continues this stream from what it has received, under a fresh engine id."""
+        assert self.request is not None
+        self.attempts += 1
+        return dataclasses.replace(
+            self.request, request_id=f"{self.request.request_id}~{self.attempts}",
+            prompt_token_ids=self.request.prompt_token_ids + tuple(self.received),
+            max_new_tokens=self.request.max_new_tokens - len(self.received),
+        )
 
 
 @dataclass
-class RequestStream:
-    request_id: str  # the engine's id for the call
-    client_id: str  # the id the client chose (unique among calls in flight)
-    updates: asyncio.Queue[SequenceUpdate] = field(default_factory=asyncio.Queue)
+class RecoveryTimeline:
+    """One recovery, in time.monotonic() seconds: for the log, the metrics and `mixserve bench failover`."""
+
+    failed_at: float  # the failure was detected (health went NOT_SERVING)
+    attempts: int = 0  # restarts tried
+    restart: RestartReport | None = None  # the restart that worked
+    restarted_at: float | None = None
+    replayed: int = 0  # requests resubmitted
+    replayed_at: float | None = None  # every replay submitted
+    serving_at: float | None = None  # the probe step succeeded: SERVING
+    first_token_at: float | None = None  # the first token a replayed request received
+
+    def describe(self) -> str:
+        def since(t: float | None) -> str:
+            return "-" if t is None else f"{t - self.failed_at:.2f}s"
+
+        r = self.restart
+        parts = "" if r is None else (f" (halt {r.halt_s:.2f}s, replace {', '.join(r.replaced) or 'none'} "
+                                      f"{r.replace_s:.2f}s, re-form {r.join_s:.2f}s)")
+        return (f"after the failure: restarted {since(self.restarted_at)}{parts}, {self.replayed} requests replayed "
+                f"{since(self.replayed_at)}, SERVING {since(self.serving_at)}, first replayed token "
+                f"{since(self.first_token_at)}; {self.attempts} restart attempts")
 
 
 class EngineClient:
     def __init__(
         self, engine: RayExpertParallelEngine, metrics: GatewayMetrics, *, poll_timeout_s: float = 0.5,
-        auto_recover: bool = True,
+        auto_recover: bool = True, replay_timeout_s: float = 60.0,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.poll_timeout_s = poll_timeout_s
+        self.replay_timeout_s = replay_timeout_s
         self.streams: dict[str, RequestStream] = {}  # by engine request id
         self.client_ids: set[str] = set()
         self.healthy = False
-        self._tasks: list[asyncio.Task] = []
+        self.failures = 0  # failures detected so far
         self.on_health_change = None
         self.auto_recover = auto_recover
+        self._tasks: list[asyncio.Task] = []
+        self._recovery: asyncio.Task | None = None
+        self._restarting = False  # the engine is being restarted: its calls fail, and that is no news
+        self._failed_at: float | None = None  # when the failure being recovered from was detected
+        self._probe_stream: RequestStream | None = None
+        self.recoveries: list[RecoveryTimeline] = []  # the latest last
+        # a replay waits for the sends in flight and holds new ones back, so it sees each stream once
+        self._sends_open = asyncio.Event()
+        self._no_sends = asyncio.Event()
+        self._sends_in_flight = 0
+        self._sends_open.set()
+        self._no_sends.set()
 
     async def start(self) -> None:
         self.healthy = await asyncio.to_thread(self.engine.healthy)
@@ -49,12 +115,14 @@ class EngineClient:
                        asyncio.create_task(self._watch_health(), name="health")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = self._tasks + ([self._recovery] if self._recovery else [])
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    # requests ----------------------------------------------------------------------------------
     def open(self, client_id: str, request_id: str) -> RequestStream:
         """Registers the stream that will receive a request's updates; client ids must be unique in flight."""
         if client_id in self.client_ids:
@@ -64,9 +132,27 @@ class EngineClient:
         self.client_ids.add(client_id)
         return stream
 
-    async def send(self, request: GenerationRequest) -> None:
-        """Submits to the coordinator; raises its typed error (InvalidRequest, Overloaded, WorkerUnavailable)."""
-        await _call(self.engine.submit_ref(request))
+    async def send(self, stream: RequestStream, request: GenerationRequest) -> None:
+        """Submits to the coordinator. Raises its typed error (InvalidRequest, Overloaded); an engine that is
+        down or fails meanwhile does not fail the request: it is sent with the replays after recovery."""
+        if not request.sampling.greedy and request.sampling.seed is None:  # a replay must draw the same tokens
+            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=draw_seed()))
+        stream.request = request
+        await self._sends_open.wait()  # a replay in progress sends first: then this goes to the new group
+        self._sends_in_flight += 1
+        self._no_sends.clear()
+        failures = self.failures
+        try:
+            await _call(self.engine.submit_ref(request))
+        except WorkerUnavailable as exc:
+            await self._engine_failed(f"submit refused: {exc}")
+            return
+        finally:
+            self._sends_in_flight -= 1
+            if not self._sends_in_flight:
+                self._no_sends.set()
+        # a failure detected while the call was in flight lost it (or will): the replay sends it again
+        stream.live = failures == self.failures
 
     def release(self, stream: RequestStream) -> None:
         """Forgets a stream whose request the engine has finished (or never took)."""
@@ -80,59 +166,167 @@ class EngineClient:
         with contextlib.suppress(MixServeError):
             await _call(self.engine.abort_ref(stream.request_id))
 
+    # updates -----------------------------------------------------------------------------------
     async def _poll(self) -> None:
         while True:
             try:
                 updates, stats = await asyncio.to_thread(self.engine.drain, self.poll_timeout_s)
-            except Exception as exc:  # the coordinator died or is being replaced: in-flight requests are lost
-                log.warning("reading updates failed (%s: %s); failing %d in-flight requests", type(exc).__name__, exc,
-                            len(self.streams))
-                self._fail_all(f"the engine is unavailable: {exc}")
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # the coordinator died or is being replaced
+                await self._engine_failed(f"reading updates failed ({type(exc).__name__}: {exc})")
+                await asyncio.sleep(0.2)
                 continue
             if stats is not None:
                 self.metrics.observe_stats(stats)
+            lost = None
             for update in updates:
                 stream = self.streams.get(update.request_id)
-                if stream is not None:
-                    stream.updates.put_nowait(update)
+                if stream is None:
+                    continue
+                if update.finish_reason == "error":  # the engine lost the request: replay it
+                    lost = lost or update.error or "a step failed"
+                    continue
+                if update.token_ids and stream.attempts:
+                    self._first_replayed_token()
+                stream.received.extend(update.token_ids)
+                stream.finished = update.finish_reason is not None
+                stream.updates.put_nowait(update)
+            if lost is not None:
+                await self._engine_failed(lost)
 
-    def _fail_all(self, message: str) -> None:
-        for rid, stream in list(self.streams.items()):
-            stream.updates.put_nowait(SequenceUpdate(rid, (), (), "error", message))
+    # failure and recovery ----------------------------------------------------------------------
+    @property
+    def recovering(self) -> bool:
+        return self._recovery is not None and not self._recovery.done()
 
+    async def _engine_failed(self, reason: str) -> None:
+        """Health goes NOT_SERVING first; every attempt in flight is lost; recovery starts (or, if the new
+        group failed while replaying, starts over)."""
+        if self._restarting:  # calls fail while the engine is replaced; nothing more is lost
+            return
+        self.failures += 1
+        for stream in self.streams.values():
+            stream.live = False
+        if (probe := self._probe_stream) is not None:
+            probe.updates.put_nowait(SequenceUpdate(probe.request_id, (), (), "error", reason))
+        if self.recovering:
+            return
+        self._failed_at = time.monotonic()
+        self.recoveries = [*self.recoveries[-15:], RecoveryTimeline(self._failed_at)]
+        log.warning("engine failure detected (%s); %d requests in flight will be replayed", reason,
+                    len(self.streams))
+        self.metrics.worker_failures.inc()
+        await self._set_healthy(False)
+        if self.auto_recover:
+            self._recovery = asyncio.create_task(self._recover(), name="recovery")
+
+    async def _recover(self) -> None:
+        """Restart what died, replay every stream, probe the new group; retried until it works."""
+        assert self._failed_at is not None
+        timeline = self.recoveries[-1]
+        while True:
+            started = time.monotonic()
+            timeline.attempts += 1
+            try:
+                self._restarting = True
+                try:
+                    timeline.restart = await asyncio.to_thread(self.engine.restart)
+                finally:
+                    self._restarting = False
+                timeline.restarted_at = time.monotonic()
+                timeline.replayed = await self._replay()
+                timeline.replayed_at = time.monotonic()
+                await self._probe()
+                break
+            except Exception as exc:
+                log.error("recovery attempt failed after %.1fs (%s: %s); retrying", time.monotonic() - started,
+                          type(exc).__name__, exc)
+                for stream in self.streams.values():
+                    stream.live = False
+                self._expire_replays()
+                await asyncio.sleep(1.0)
+        timeline.serving_at = time.monotonic()
+        self.metrics.worker_recoveries.inc()
+        self.metrics.recovery_seconds.observe(timeline.serving_at - timeline.failed_at)
+        log.warning("recovered: %s", timeline.describe())
+        # the gauges say the new workers are up before health says SERVING (not a poll later)
+        self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
+        await self._set_healthy(True)
+
+    async def _replay(self) -> int:
+        """Resubmits every stream whose attempt was lost, continuing from the tokens it received; returns how
+        many."""
+        self._sends_open.clear()
+        try:
+            await self._no_sends.wait()
+            self._expire_replays()
+            failures = self.failures
+            lost = [s for s in self.streams.values() if not (s.live or s.finished) and s.request is not None]
+            for stream in lost:
+                request = stream.continuation()
+                del self.streams[stream.request_id]
+                stream.request_id = request.request_id
+                self.streams[request.request_id] = stream
+                await _call(self.engine.submit_ref(request))  # raises WorkerUnavailable if the new group fails
+                if failures != self.failures:
+                    raise WorkerUnavailable("the new group failed during the replay")
+                stream.live = True
+                self.metrics.request_replays.inc()
+            return len(lost)
+        finally:
+            self._sends_open.set()
+
+    def _first_replayed_token(self) -> None:
+        latest = self.recoveries[-1] if self.recoveries else None
+        if latest is not None and latest.restarted_at is not None and latest.first_token_at is None:
+            latest.first_token_at = time.monotonic()
+
+    def _expire_replays(self) -> None:
+        """Fails (UNAVAILABLE) the streams that have waited replay_timeout_s since the failure."""
+        if self._failed_at is None or time.monotonic() - self._failed_at < self.replay_timeout_s:
+            return
+        for stream in [s for s in self.streams.values() if not (s.live or s.finished)]:
+            stream.updates.put_nowait(SequenceUpdate(
+                stream.request_id, (), (), "error",
+                f"the engine did not recover within --replay-timeout {self.replay_timeout_s:g}s"))
+            self.release(stream)
+
+    async def _probe(self) -> None:
+        """One token through every rank of the new group; raises if the step fails."""
+        request_id = f"health-probe-{self.failures}-{time.monotonic_ns()}"
+        stream = self._probe_stream = RequestStream(request_id, request_id, live=True)
+        self.streams[request_id] = stream
+        try:
+            await _call(self.engine.submit_ref(GenerationRequest(
+                request_id=request_id, prompt_token_ids=(self.engine.cfg.bos_token_id or 0,), max_new_tokens=1,
+                ignore_eos=True)))
+            while True:
+                update = await asyncio.wait_for(stream.updates.get(), PROBE_TIMEOUT_S)
+                if update.error:
+                    raise WorkerUnavailable(f"the probe step failed: {update.error}")
+                if update.finish_reason is not None:
+                    return
+        except TimeoutError:
+            raise WorkerUnavailable(f"the probe step did not finish within {PROBE_TIMEOUT_S:g}s") from None
+        finally:
+            self._probe_stream = None
+            self.streams.pop(stream.request_id, None)
+
+    # health ------------------------------------------------------------------------------------
     async def _watch_health(self) -> None:
         while True:
-            healthy = await asyncio.to_thread(self.engine.healthy)
-            self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
-            await self._set_healthy(healthy)
-            if not healthy and self.auto_recover:
-                await self._recover()
+            if not self.recovering:
+                healthy = await asyncio.to_thread(self.engine.healthy)
+                self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
+                if not healthy and not self.recovering:
+                    await self._engine_failed("the health check failed")
             await asyncio.sleep(1.0)
 
     async def _set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:
             log.warning("engine health changed: %s", "SERVING" if healthy else "NOT_SERVING")
-            if not healthy:
-                self.metrics.worker_failures.inc()
         self.healthy = healthy
         if self.on_health_change is not None:
             await self.on_health_change(healthy)
-
-    async def _recover(self) -> None:
-        """Replace the lost actors and re-form the group; the gateway keeps running throughout."""
-        started = time.monotonic()
-        try:
-            await asyncio.to_thread(self.engine.restart)
-        except Exception as exc:
-            log.error("recovery failed after %.1fs (%s); retrying", time.monotonic() - started, exc)
-            await asyncio.sleep(2.0)
-            return
-        self.metrics.worker_recoveries.inc()
-        log.warning("recovered in %.1fs", time.monotonic() - started)
-        # the gauges say the new workers are up before health says SERVING (not a poll later)
-        self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
-        await self._set_healthy(await asyncio.to_thread(self.engine.healthy))
 
 
 async def _call(ref):

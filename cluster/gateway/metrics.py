@@ -13,6 +13,7 @@ from workers.runtime.timing import PHASES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+RECOVERY_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -52,6 +53,11 @@ class GatewayMetrics:
         self.worker_failures = Counter("mixserve_worker_failures", "Expert worker failures detected", registry=r)
         self.worker_recoveries = Counter("mixserve_worker_recoveries", "Recoveries after a worker failure",
                                          registry=r)
+        self.request_replays = Counter("mixserve_request_replays", "In-flight requests resubmitted to a recovered "
+                                       "engine, continuing from the tokens already streamed", registry=r)
+        self.recovery_seconds = Histogram("mixserve_recovery_seconds", "Time from a detected engine failure until "
+                                          "the engine serves again (restart, replay, probe step)",
+                                          buckets=RECOVERY_BUCKETS, registry=r)
         self.num_workers.set(num_workers)
         for phase in PHASES:
             self.phase.labels(phase=phase)

@@ -41,6 +41,7 @@ class GatewayOptions:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
     grace_s: float = 30.0
+    replay_timeout_s: float = 60.0  # how long a request in flight waits for its replay after an engine failure
     limits: RequestLimits = field(default_factory=RequestLimits)
     security: SecurityOptions = field(default_factory=SecurityOptions)
     # A plaintext port serving grpc.health.v1 only, for Kubernetes gRPC probes (they cannot speak TLS).
@@ -64,7 +65,7 @@ class Gateway:
         self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers,
                                       worker_of_expert=engine.placement.worker_of_expert,
                                       num_workers=engine.options.num_workers)
-        self.client = EngineClient(engine, self.metrics)
+        self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s)
         self.tokenizer = TextTokenizer.from_model_dir(engine.settings.model_dir, cfg.bos_token_id)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None

@@ -126,7 +126,7 @@ class MixServeServicer(pb_grpc.MixServeServicer):
             # a duplicate client id fails here and touches nobody else's stream; the engine sees a fresh id per
             # call, so a late abort of an earlier call can never hit a later call that reuses the client's id
             stream = self.client.open(validated.request_id, validated.engine_request.request_id)
-            await self.client.send(validated.engine_request)
+            await self.client.send(stream, validated.engine_request)
             while not finished:
                 update = _coalesce(await stream.updates.get(), stream.updates)
                 if update.error:
