@@ -1,5 +1,5 @@
-"""`mixserve bench {offline,serve,mixed,make-model}`: the arguments and the run (measure, print the tables, write
-JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the bench."""
+"""`mixserve bench {offline,serve,mixed,failover,make-model}`: the arguments and the run (measure, print the
+tables, write JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.failover import FailoverOptions, FailoverReport, format_failover, run_failover
 from cluster.bench.mixed import MixedOptions, MixedReport, format_mixed, run_mixed
 from cluster.bench.offline import OfflineOptions, run_offline
 from cluster.bench.plot import plot_report
@@ -122,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   "groups served apart on the same server (the issue-17 scenario with the defaults "
                                   "and the w1-random preset)")
     _mixed_args(mixed)
+    fail = modes.add_parser("failover", formatter_class=defaults,
+                            help="SIGKILL a rank during greedy streams over gRPC: the recovery timeline and whether "
+                                 "every stream ended with the uninterrupted run's tokens")
+    _engine_args(fail, max_batched_tokens=1024, workers=(2,))
+    fail.add_argument("--streams", type=int, default=16, help="concurrent greedy streams")
+    fail.add_argument("--input-len", type=int, default=16, help="prompt tokens per stream")
+    fail.add_argument("--output-len", type=int, default=200, help="generated tokens per stream (exactly)")
+    fail.add_argument("--kill", default="worker 1", help='the rank to SIGKILL: "worker N" or "coordinator"')
+    fail.add_argument("--kill-after-tokens", type=int, default=8, help="every stream has this many tokens first")
+    fail.add_argument("--reserved-cpus", type=int, default=None,
+                      help="logical CPUs the ranks leave to the gateway; default: what `mixserve serve` picks")
     model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)",
                              formatter_class=defaults)
     model.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -193,6 +205,16 @@ def _mixed(args: argparse.Namespace) -> MixedReport:
         metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout))
 
 
+def _failover(args: argparse.Namespace) -> FailoverReport:
+    if len(args.workers) != 1:
+        raise ValueError(f"failover runs one engine: give one --workers count, got {args.workers}")
+    workload = Workload(num_prompts=args.streams, input_len=args.input_len, output_len=args.output_len,
+                        seed=args.seed)
+    setup = _engine_setup(args, max_num_seqs=args.streams, input_len=args.input_len + args.output_len, here=False)
+    return run_failover(FailoverOptions(setup=setup, workload=workload, workers=args.workers[0], victim=args.kill,
+                                        kill_after_tokens=args.kill_after_tokens, ray_address=args.ray_address))
+
+
 def main(argv: list[str]) -> int:
     """`mixserve bench` with argv after "bench"; errors are cluster/cli.py's to report."""
     args = build_parser().parse_args(argv)
@@ -206,6 +228,9 @@ def main(argv: list[str]) -> int:
     elif args.bench_mode == "mixed":
         report = _mixed(args)
         print(format_mixed(report, markdown=args.markdown))
+    elif args.bench_mode == "failover":
+        report = _failover(args)
+        print(format_failover(report, markdown=args.markdown))
     else:
         report = _serve(args)
         print(format_serve(report, markdown=args.markdown))

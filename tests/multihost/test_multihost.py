@@ -1,7 +1,8 @@
 """Three hosts built from network namespaces: a Ray head (gateway + coordinator) and two Ray worker nodes
-holding the expert workers. Serve requests, kill one host's Ray node during 32 concurrent streams: every
-stream completes with the tokens of an uninterrupted run (the gateway replays them on the engine it rebuilds
-on the remaining hosts), health says NOT_SERVING meanwhile, and the next 100 requests all succeed."""
+holding the expert workers. Serve requests, kill one host's Ray node during 32 concurrent streams (greedy and
+seeded sampling): every stream completes with the tokens of an uninterrupted run (the gateway replays them
+on the engine it rebuilds on the remaining hosts), health says NOT_SERVING meanwhile, and the next 100
+requests all succeed."""
 
 from __future__ import annotations
 
@@ -38,9 +39,16 @@ def hosts(tmp_path):
         virtual.teardown()
 
 
-def _request(prompt, n):
-    return pb.GenerateRequest(prompt_token_ids=prompt,
-                              sampling=pb.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+def _request(prompt, n, seed: int | None = None):
+    """Greedy, or sampled (temperature 0.8) with `seed`."""
+    sampling = (pb.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) if seed is None else
+                pb.SamplingParams(max_new_tokens=n, temperature=0.8, seed=seed, ignore_eos=True))
+    return pb.GenerateRequest(prompt_token_ids=prompt, sampling=sampling)
+
+
+def _seed(i: int) -> int | None:
+    """Every other long stream samples with its own seed."""
+    return 500 + i if i % 2 else None
 
 
 def _wait(predicate, timeout_s: float, what: str) -> float:
@@ -82,15 +90,18 @@ def test_gateway_survives_losing_a_host(hosts, served_model, tmp_path):
 
         nodes = _ray_nodes(head, env)
         assert {b.ip, c.ip} <= nodes, f"worker nodes missing from the cluster: {nodes}"
-        long_expected = [offline(served_model, p, max_new=200) for p in prompts]
+        long_expected = [offline(served_model, prompts[i % 8], max_new=200,
+                                 **({} if _seed(i) is None else {"temperature": 0.8, "seed": _seed(i)}))
+                         for i in range(32)]
         progress = [0] * 32
         with futures.ThreadPoolExecutor(32) as pool:
-            streams = [pool.submit(_stream, stub, prompts[i % 8], 200, progress, i) for i in range(32)]
+            streams = [pool.submit(_stream, stub, _request(prompts[i % 8], 200, _seed(i)), progress, i)
+                       for i in range(32)]
             _wait(lambda: min(progress) >= 5, 60, "the streams did not start decoding")
             c.kill_all()  # host c (one expert worker) goes down
             killed = time.monotonic()
             outcomes = [f.result(timeout=120) for f in streams]  # nothing hangs
-        assert outcomes == [long_expected[i % 8] for i in range(32)]
+        assert outcomes == long_expected
         assert _serving(channel)
         assert time.monotonic() - killed < 90
         metrics = urllib.request.urlopen(f"http://{head.ip}:9400/metrics", timeout=10).read().decode()
@@ -108,10 +119,10 @@ def test_gateway_survives_losing_a_host(hosts, served_model, tmp_path):
         log.close()
 
 
-def _stream(stub, prompt: list[int], n: int, progress: list[int], i: int) -> list[int] | grpc.StatusCode:
+def _stream(stub, request: pb.GenerateRequest, progress: list[int], i: int) -> list[int] | grpc.StatusCode:
     tokens = []
     try:
-        for chunk in stub.GenerateStream(_request(prompt, n), timeout=150):
+        for chunk in stub.GenerateStream(request, timeout=150):
             tokens.extend(chunk.token_ids)
             progress[i] = len(tokens)
         return tokens
