@@ -9,6 +9,7 @@ its own (`TorchThread`), whichever Ray thread calls the method. info() and stats
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +36,8 @@ from workers.runtime.attention_rank import LocalExperts
 from workers.runtime.distributed_experts import DistributedExperts
 from workers.runtime.expert_rank import ExpertRank
 from workers.runtime.local_build import assemble_attention_rank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,7 +251,7 @@ class Coordinator:
             if self.loop.running:
                 raise WorkerUnavailable("coordinator: the engine loop is stuck in a collective")
             self.loop.close_publisher()
-        self.torch_thread.call(self._destroy_group)
+        self.torch_thread.call(self._leave_group)
 
     def _destroy_group(self) -> None:
         if self.group is not None:
@@ -266,10 +269,13 @@ class Coordinator:
             self.torch_thread.call(self._leave_group)
 
     def _leave_group(self) -> None:
-        assert self.loop is not None
+        """Tells the expert ranks to stop when the group still works (so they leave at once rather than at
+        the collective timeout: a halt for a restart that replaces nothing), then leaves it."""
         try:
-            if self.loop.failure is None and isinstance(self.experts, DistributedExperts):
+            if self.loop is not None and self.loop.failure is None and isinstance(self.experts, DistributedExperts):
                 self.experts.stop()
+        except Exception as exc:  # a peer died meanwhile: the survivors leave at their collective timeout
+            log.warning("coordinator: could not stop the expert ranks (%s)", exc)
         finally:
             self._destroy_group()
 

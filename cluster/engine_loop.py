@@ -54,8 +54,7 @@ class EngineLoop:
         self._future.add_done_callback(_log_crash)
 
     def submit(self, request: GenerationRequest) -> None:
-        if self.failure:
-            raise WorkerUnavailable(self.failure)
+        self._check_serving()
         self.engine.validate(request)  # config-only checks; raises InvalidRequest naming the field
         with self._cond:
             waiting = len(self._inbox) + len(self.engine.scheduler.waiting)
@@ -72,8 +71,7 @@ class EngineLoop:
     def subscribe(self, address: ChannelAddress) -> None:
         """Connects to a subscriber (on the caller's thread) and makes it the one the loop sends to; a
         previous subscriber is closed. Raises ChannelClosed if the subscriber cannot be reached."""
-        if self.failure:
-            raise WorkerUnavailable(self.failure)
+        self._check_serving()
         publisher = UpdatePublisher(address)
         with self._cond:
             previous, self._publisher = self._publisher, publisher
@@ -81,6 +79,14 @@ class EngineLoop:
             self._cond.notify_all()
         if previous is not None:
             previous.close()
+
+    def _check_serving(self) -> None:
+        """Raises WorkerUnavailable once the loop failed or was told to stop (halted for a restart): what it
+        accepted then would never be stepped or published."""
+        if self.failure:
+            raise WorkerUnavailable(self.failure)
+        if self._stopping:
+            raise WorkerUnavailable("the engine loop is stopped (the engine is restarting)")
 
     @property
     def running(self) -> bool:

@@ -92,6 +92,7 @@ class RayExpertParallelEngine:
         self._cpus: list[RankCpu] = []
         self.rendezvous: str | None = None
         self.restarts = 0
+        self.generation = 0  # restarts begun and ended: a call's failure is news only in its generation
         self.updates = UpdateReceiver()
         self._lifecycle = threading.RLock()
 
@@ -193,27 +194,33 @@ class RayExpertParallelEngine:
         itself lost a node, every actor and the group are replaced. Requests in flight are lost with the old
         group (the coordinator's KV cache is rebuilt): the gateway replays them (cluster.gateway.engine_client)."""
         with self._lifecycle:
-            started = time.monotonic()
-            self.restarts += 1
-            self.updates.close()
-            if self.pg is None or not self._placement_intact():
-                log.warning("restart %d: the placement group lost a bundle; replacing every rank", self.restarts)
-                self.shutdown(graceful=False)
-                self.start()
-                names = tuple(rank_name(r) for r in range(self.options.num_workers + 1))
-                return RestartReport(names, full=True, halt_s=0.0, replace_s=time.monotonic() - started, join_s=0.0)
-            dead = self._halt_ranks()
-            halted = time.monotonic()
-            log.warning("restart %d: replacing %s", self.restarts, ", ".join(map(rank_name, dead)) or "no rank")
             try:
-                self._replace(dead)
-                replaced = time.monotonic()
-                self._join_all()
-            except BaseException:
-                self.shutdown(graceful=False)
-                raise
-            return RestartReport(tuple(map(rank_name, dead)), full=False, halt_s=halted - started,
-                                 replace_s=replaced - halted, join_s=time.monotonic() - replaced)
+                return self._restart()
+            finally:
+                self.generation += 1  # whatever a call begun before now saw fail was the old group's
+
+    def _restart(self) -> RestartReport:
+        started = time.monotonic()
+        self.restarts += 1
+        self.updates.close()
+        if self.pg is None or not self._placement_intact():
+            log.warning("restart %d: the placement group lost a bundle; replacing every rank", self.restarts)
+            self.shutdown(graceful=False)
+            self.start()
+            names = tuple(rank_name(r) for r in range(self.options.num_workers + 1))
+            return RestartReport(names, full=True, halt_s=0.0, replace_s=time.monotonic() - started, join_s=0.0)
+        dead = self._halt_ranks()
+        halted = time.monotonic()
+        log.warning("restart %d: replacing %s", self.restarts, ", ".join(map(rank_name, dead)) or "no rank")
+        try:
+            self._replace(dead)
+            replaced = time.monotonic()
+            self._join_all()
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+        return RestartReport(tuple(map(rank_name, dead)), full=False, halt_s=halted - started,
+                             replace_s=replaced - halted, join_s=time.monotonic() - replaced)
 
     def _placement_intact(self) -> bool:
         return placement_group_table(self.pg).get("state") == "CREATED"

@@ -19,9 +19,12 @@ import os
 import secrets
 import select
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from typing import TypeVar
 
 from cluster.engine_stats import StatsSnapshot
 from cluster.requests import SequenceUpdate
@@ -29,6 +32,48 @@ from cluster.requests import SequenceUpdate
 
 class ChannelClosed(ConnectionError):
     """The other end of an update channel went away (or never completed the handshake)."""
+
+
+T = TypeVar("T")
+
+
+class _SharedConnection:
+    """A connected socket and its Connection, used by one thread and closed by any: close() only shuts the
+    socket down (waking a blocked user) while the user is inside; the last one out closes the descriptors.
+    A descriptor closed under a thread still using it may be reused by the next socket the process opens,
+    and that thread would then read or close someone else's (seen as EBADF during a restart)."""
+
+    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+        self.sock, self.conn = sock, conn
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closed = False
+
+    def use(self, operation: Callable[[Connection], T]) -> T:
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed("the update channel is closed")
+            self._users += 1
+        try:
+            return operation(self.conn)
+        finally:
+            with self._lock:
+                self._users -= 1
+                last_out = self._closed and not self._users
+            if last_out:
+                _close(self.sock, self.conn)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            in_use = self._users > 0
+        if in_use:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the user, who closes on the way out
+        else:
+            _close(self.sock, self.conn)
 
 
 @dataclass(frozen=True)
@@ -53,18 +98,19 @@ class UpdatePublisher:
             sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
         except OSError as exc:
             raise ChannelClosed(f"cannot reach the subscriber at {address.host}:{address.port}: {exc}") from exc
-        self._sock, self._conn = _authenticated(sock, address.authkey, timeout_s, accepting=False)
+        sock, conn = _authenticated(sock, address.authkey, timeout_s, accepting=False)
         # a subscriber that stops reading fails a send after timeout_s instead of stalling the engine
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+        self._channel = _SharedConnection(sock, conn)
 
     def send(self, batch: UpdateBatch) -> None:
         try:
-            self._conn.send(batch)
+            self._channel.use(lambda conn: conn.send(batch))
         except OSError as exc:
             raise ChannelClosed(f"the subscriber went away: {exc}") from exc
 
     def close(self) -> None:
-        _close(self._sock, self._conn)
+        self._channel.close()
 
 
 class UpdateSubscription:
@@ -74,8 +120,8 @@ class UpdateSubscription:
     def __init__(self, host: str) -> None:
         self._server = socket.create_server((host, 0))
         self.address = ChannelAddress(host, self._server.getsockname()[1], secrets.token_bytes(32))
-        self._sock: socket.socket | None = None
-        self._conn: Connection | None = None
+        self._channel: _SharedConnection | None = None
+        self._closed = False
 
     def connecting(self, timeout_s: float) -> bool:
         """True once a connection waits to be accepted (waits up to timeout_s)."""
@@ -91,31 +137,34 @@ class UpdateSubscription:
             raise ChannelClosed(f"no coordinator connected within {timeout_s}s") from exc
         finally:
             self._server.close()
-        self._sock, self._conn = _authenticated(sock, self.address.authkey, timeout_s, accepting=True)
+        self._channel = _SharedConnection(*_authenticated(sock, self.address.authkey, timeout_s, accepting=True))
+        if self._closed:  # closed while the handshake ran
+            self._channel.close()
 
     def poll(self, timeout_s: float) -> bool:
         """True once a batch is ready to recv() (or the channel closed: recv() then raises)."""
         try:
-            return self._connection().poll(timeout_s)
+            return self._connection().use(lambda conn: conn.poll(timeout_s))
         except (OSError, EOFError) as exc:
             raise ChannelClosed(f"the update channel closed: {exc}") from exc
 
     def recv(self) -> UpdateBatch:
         try:
-            return self._connection().recv()
+            return self._connection().use(lambda conn: conn.recv())
         except (OSError, EOFError) as exc:
             raise ChannelClosed(f"the coordinator closed the update channel: {exc}") from exc
 
-    def _connection(self) -> Connection:
-        if self._conn is None:
+    def _connection(self) -> _SharedConnection:
+        if self._channel is None:
             raise ChannelClosed("the update channel is not open")
-        return self._conn
+        return self._channel
 
     def close(self) -> None:
-        """Closes the channel; a thread blocked in poll() or recv() wakes with ChannelClosed."""
+        """Closes the channel from any thread; a thread blocked in poll() or recv() wakes with ChannelClosed."""
+        self._closed = True
         self._server.close()
-        if self._sock is not None and self._conn is not None:
-            _close(self._sock, self._conn)
+        if self._channel is not None:
+            self._channel.close()
 
 
 def _authenticated(

@@ -138,21 +138,30 @@ class EngineClient:
         if not request.sampling.greedy and request.sampling.seed is None:  # a replay must draw the same tokens
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=draw_seed()))
         stream.request = request
-        await self._sends_open.wait()  # a replay in progress sends first: then this goes to the new group
+        while not self._sends_open.is_set():  # recovery holds sends back: then this goes to the new group
+            if self.streams.get(stream.request_id) is not stream:
+                return  # expired (--replay-timeout) while waiting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sends_open.wait(), 1.0)
+        if stream.attempts or self.streams.get(stream.request_id) is not stream:
+            return  # a replay sent it while it waited, or it expired or was cancelled
         self._sends_in_flight += 1
         self._no_sends.clear()
-        failures = self.failures
+        failures, generation = self.failures, self.engine.generation
         try:
             await _call(self.engine.submit_ref(request))
         except WorkerUnavailable as exc:
-            await self._engine_failed(f"submit refused: {exc}")
+            await self._engine_failed(f"submit refused: {exc}", generation)
             return
         finally:
             self._sends_in_flight -= 1
             if not self._sends_in_flight:
                 self._no_sends.set()
         # a failure detected while the call was in flight lost it (or will): the replay sends it again
-        stream.live = failures == self.failures
+        stream.live = failures == self.failures and generation == self.engine.generation
+        if generation != self.engine.generation:  # a restart ran meanwhile: whichever group took it, drop it
+            with contextlib.suppress(MixServeError):
+                await _call(self.engine.abort_ref(request.request_id))
 
     def release(self, stream: RequestStream) -> None:
         """Forgets a stream whose request the engine has finished (or never took)."""
@@ -169,10 +178,11 @@ class EngineClient:
     # updates -----------------------------------------------------------------------------------
     async def _poll(self) -> None:
         while True:
+            generation = self.engine.generation
             try:
                 updates, stats = await asyncio.to_thread(self.engine.drain, self.poll_timeout_s)
             except Exception as exc:  # the coordinator died or is being replaced
-                await self._engine_failed(f"reading updates failed ({type(exc).__name__}: {exc})")
+                await self._engine_failed(f"reading updates failed ({type(exc).__name__}: {exc})", generation)
                 await asyncio.sleep(0.2)
                 continue
             if stats is not None:
@@ -191,17 +201,18 @@ class EngineClient:
                 stream.finished = update.finish_reason is not None
                 stream.updates.put_nowait(update)
             if lost is not None:
-                await self._engine_failed(lost)
+                await self._engine_failed(lost, generation)
 
     # failure and recovery ----------------------------------------------------------------------
     @property
     def recovering(self) -> bool:
         return self._recovery is not None and not self._recovery.done()
 
-    async def _engine_failed(self, reason: str) -> None:
+    async def _engine_failed(self, reason: str, generation: int | None = None) -> None:
         """Health goes NOT_SERVING first; every attempt in flight is lost; recovery starts (or, if the new
-        group failed while replaying, starts over)."""
-        if self._restarting:  # calls fail while the engine is replaced; nothing more is lost
+        group failed while replaying, starts over). `generation`: the engine's generation when the call that
+        failed began; a call begun before (or during) a restart failed with the old group, which is no news."""
+        if self._restarting or (generation is not None and generation != self.engine.generation):
             return
         self.failures += 1
         for stream in self.streams.values():
@@ -211,6 +222,7 @@ class EngineClient:
         if self.recovering:
             return
         self._failed_at = time.monotonic()
+        self._sends_open.clear()  # new requests wait for the replays (see _replay)
         self.recoveries = [*self.recoveries[-15:], RecoveryTimeline(self._failed_at)]
         log.warning("engine failure detected (%s); %d requests in flight will be replayed", reason,
                     len(self.streams))
@@ -254,26 +266,25 @@ class EngineClient:
 
     async def _replay(self) -> int:
         """Resubmits every stream whose attempt was lost, continuing from the tokens it received; returns how
-        many."""
+        many. Sends stay held back from the failure until the replays are in (then they go to the new group);
+        the replay waits for those already in flight, so it sees each stream once."""
         self._sends_open.clear()
-        try:
-            await self._no_sends.wait()
-            self._expire_replays()
-            failures = self.failures
-            lost = [s for s in self.streams.values() if not (s.live or s.finished) and s.request is not None]
-            for stream in lost:
-                request = stream.continuation()
-                del self.streams[stream.request_id]
-                stream.request_id = request.request_id
-                self.streams[request.request_id] = stream
-                await _call(self.engine.submit_ref(request))  # raises WorkerUnavailable if the new group fails
-                if failures != self.failures:
-                    raise WorkerUnavailable("the new group failed during the replay")
-                stream.live = True
-                self.metrics.request_replays.inc()
-            return len(lost)
-        finally:
-            self._sends_open.set()
+        await self._no_sends.wait()
+        self._expire_replays()
+        failures = self.failures
+        lost = [s for s in self.streams.values() if not (s.live or s.finished) and s.request is not None]
+        for stream in lost:
+            request = stream.continuation()
+            del self.streams[stream.request_id]
+            stream.request_id = request.request_id
+            self.streams[request.request_id] = stream
+            await _call(self.engine.submit_ref(request))  # raises WorkerUnavailable if the new group fails
+            if failures != self.failures:
+                raise WorkerUnavailable("the new group failed during the replay")
+            stream.live = True
+            self.metrics.request_replays.inc()
+        self._sends_open.set()
+        return len(lost)
 
     def _first_replayed_token(self) -> None:
         latest = self.recoveries[-1] if self.recoveries else None

@@ -193,3 +193,42 @@ def test_a_lost_subscriber_aborts_the_requests_in_flight(tiny8):
     finally:
         loop.stop()
         thread.shutdown()
+
+
+def test_closing_from_two_threads_at_once_closes_each_descriptor_once():
+    """The gateway's poller and a restart both close the subscription; a descriptor closed twice fails with
+    EBADF, or closes whatever socket the process opened meanwhile (it broke a recovery in CI)."""
+    errors: list[BaseException] = []
+    for _ in range(200):
+        subscription = UpdateSubscription("127.0.0.1")
+        publisher, connect_errors = _connect(subscription)
+        assert not connect_errors
+        both = threading.Barrier(3)
+
+        def close_recording_errors(subscription=subscription) -> None:
+            try:
+                subscription.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        def close(both=both) -> None:
+            both.wait()
+            close_recording_errors()
+
+        def read_then_close(both=both, subscription=subscription) -> None:  # as UpdateReceiver.drain does
+            both.wait()
+            try:
+                subscription.poll(5)
+                subscription.recv()
+            except ChannelClosed:
+                close_recording_errors()
+
+        threads = [threading.Thread(target=close), threading.Thread(target=read_then_close)]
+        for thread in threads:
+            thread.start()
+        both.wait()
+        subscription.close()
+        for thread in threads:
+            thread.join(5)
+        publisher.close()
+    assert not errors, errors[:3]
