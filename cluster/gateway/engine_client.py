@@ -245,9 +245,14 @@ class EngineClient:
                 finally:
                     self._restarting = False
                 timeline.restarted_at = time.monotonic()
-                timeline.replayed = await self._replay()
-                timeline.replayed_at = time.monotonic()
-                await self._probe()
+                probe = await self._start_probe()  # ahead of the replays: a full batch must not delay SERVING
+                try:
+                    timeline.replayed = await self._replay()
+                    timeline.replayed_at = time.monotonic()
+                    await self._finish_probe(probe)
+                finally:
+                    self._probe_stream = None
+                    self.streams.pop(probe.request_id, None)
                 break
             except Exception as exc:
                 log.error("recovery attempt failed after %.1fs (%s: %s); retrying", time.monotonic() - started,
@@ -301,8 +306,8 @@ class EngineClient:
                 f"the engine did not recover within --replay-timeout {self.replay_timeout_s:g}s"))
             self.release(stream)
 
-    async def _probe(self) -> None:
-        """One token through every rank of the new group; raises if the step fails."""
+    async def _start_probe(self) -> RequestStream:
+        """Submits a one-token request that must pass through every rank of the new group."""
         request_id = f"health-probe-{self.failures}-{time.monotonic_ns()}"
         stream = self._probe_stream = RequestStream(request_id, request_id, live=True)
         self.streams[request_id] = stream
@@ -310,6 +315,16 @@ class EngineClient:
             await _call(self.engine.submit_ref(GenerationRequest(
                 request_id=request_id, prompt_token_ids=(self.engine.cfg.bos_token_id or 0,), max_new_tokens=1,
                 ignore_eos=True)))
+        except BaseException:
+            self._probe_stream = None
+            self.streams.pop(request_id, None)
+            raise
+        return stream
+
+    @staticmethod
+    async def _finish_probe(stream: RequestStream) -> None:
+        """Waits for the probe's token; raises if its step failed."""
+        try:
             while True:
                 update = await asyncio.wait_for(stream.updates.get(), PROBE_TIMEOUT_S)
                 if update.error:
@@ -318,9 +333,6 @@ class EngineClient:
                     return
         except TimeoutError:
             raise WorkerUnavailable(f"the probe step did not finish within {PROBE_TIMEOUT_S:g}s") from None
-        finally:
-            self._probe_stream = None
-            self.streams.pop(stream.request_id, None)
 
     # health ------------------------------------------------------------------------------------
     async def _watch_health(self) -> None:
