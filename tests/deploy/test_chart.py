@@ -7,6 +7,7 @@ import base64
 import re
 
 import pytest
+import yaml
 
 from tests.deploy.helpers import (
     CI_VALUES,
@@ -30,7 +31,8 @@ from tests.deploy.helpers import (
     worker_templates,
 )
 
-VALUE_SETS = [None, "cpu-values.yaml", "gpu-multinode-values.yaml", "kuberay-values.yaml"]
+VALUE_SETS = [None, "cpu-values.yaml", "gpu-multinode-values.yaml", "gpu-infiniband-values.yaml",
+              "kuberay-values.yaml"]
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}
 GPU = "nvidia.com/gpu"
 
@@ -91,6 +93,10 @@ def test_every_object_has_the_helm_labels(values_file):
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
 def test_pods_run_as_non_root_with_no_capabilities(values_file):
+    """Every container drops ALL capabilities; the one ever added back is IPC_LOCK, on the rank containers only
+    (ray-head, ray-worker: never the init container or the test pod), and only where rdma.enabled asks for it."""
+    rdma = yaml.safe_load((CI_VALUES / values_file).read_text()).get("rdma", {}) if values_file else {}
+    ipc_lock = bool(rdma.get("enabled") and rdma.get("ipcLock", True))
     for owner, template in pod_templates(render(values_file)) + _test_pods(values_file):
         spec = template["spec"]
         psc = spec["securityContext"]
@@ -101,7 +107,10 @@ def test_pods_run_as_non_root_with_no_capabilities(values_file):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, (owner, c["name"])
             assert sc["capabilities"]["drop"] == ["ALL"], (owner, c["name"])
-            assert "add" not in sc["capabilities"], (owner, c["name"])
+            if ipc_lock and c["name"] in {"ray-head", "ray-worker"}:
+                assert sc["capabilities"]["add"] == ["IPC_LOCK"], (owner, c["name"])
+            else:
+                assert "add" not in sc["capabilities"], (owner, c["name"])
             assert sc["readOnlyRootFilesystem"] is True, (owner, c["name"])
             assert sc.get("privileged") is not True, (owner, c["name"])
 

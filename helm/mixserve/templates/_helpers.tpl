@@ -119,6 +119,19 @@ mixserve/worker-group: {{ .group.name }}
 {{- fail "model.download.enabled needs model.download.repoId (e.g. mistralai/Mixtral-8x7B-Instruct-v0.1)" }}
 {{- end }}
 {{- include "mixserve.validateGateway" . }}
+{{- include "mixserve.validateNetwork" . }}
+{{- end }}
+
+{{/* Checks of rdma.* and nccl.env. */}}
+{{- define "mixserve.validateNetwork" -}}
+{{- if and .Values.rdma.enabled (ne .Values.serve.device "cuda") }}
+{{- fail (printf "rdma.enabled needs serve.device=cuda: on %s the ranks talk over gloo (TCP), which uses no RDMA device" .Values.serve.device) }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if hasKey ($.Values.nccl.env | default dict) .name }}
+{{- fail (printf "%s is set in both nccl.env and extraEnv: set it in one of them" .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Checks of gateway.tls and gateway.apiKeys: every enabled part names its Secret. */}}
@@ -203,6 +216,10 @@ mixserve/worker-group: {{ .group.name }}
     secretKeyRef:
       name: {{ include "mixserve.rayAuthSecretName" . }}
       key: {{ .Values.rayAuth.secretKey }}
+{{- end }}
+{{- range $name, $value := .Values.nccl.env }}
+- name: {{ $name }}
+  value: {{ toString $value | quote }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
@@ -360,18 +377,44 @@ mixserve/worker-group: {{ .group.name }}
 {{- end }}
 {{- end }}
 
-{{/* Resources of a Ray container with the GPU limit added on CUDA; call with (dict "root" $ "resources" R "gpus" N). */}}
+{{/* Does a Ray pod with this many GPUs run ranks that get rdma.* (rdma.enabled, on CUDA, gpus > 0)?
+     Call with (dict "root" $ "gpus" N); "true" or "". */}}
+{{- define "mixserve.rdmaRanks" -}}
+{{- if and .root.Values.rdma.enabled (eq .root.Values.serve.device "cuda") (gt (int .gpus) 0) }}true{{ end }}
+{{- end }}
+
+{{/* Resources of a Ray container with the GPUs (and the RDMA devices of rdma.*) added on CUDA, as requests
+     and limits; call with (dict "root" $ "resources" R "gpus" N). An RDMA resource the pod's own resources
+     already name keeps its count (limits first). */}}
 {{- define "mixserve.gpuResources" -}}
 {{- $res := deepCopy (default dict .resources) }}
-{{- if and (eq .root.Values.serve.device "cuda") (gt (int .gpus) 0) }}
 {{- $limits := default dict (get $res "limits") }}
-{{- $_ := set $limits .root.Values.gpuResourceName (int .gpus) }}
-{{- $_ := set $res "limits" $limits }}
 {{- $requests := default dict (get $res "requests") }}
+{{- if and (eq .root.Values.serve.device "cuda") (gt (int .gpus) 0) }}
+{{- $_ := set $limits .root.Values.gpuResourceName (int .gpus) }}
 {{- $_ := set $requests .root.Values.gpuResourceName (int .gpus) }}
-{{- $_ := set $res "requests" $requests }}
 {{- end }}
+{{- $rdma := .root.Values.rdma }}
+{{- if and (include "mixserve.rdmaRanks" .) (gt (int $rdma.count) 0) }}
+{{- $count := get $limits $rdma.resourceName | default (get $requests $rdma.resourceName) | default (int $rdma.count) }}
+{{- $_ := set $limits $rdma.resourceName $count }}
+{{- $_ := set $requests $rdma.resourceName $count }}
+{{- end }}
+{{- if $limits }}{{ $_ := set $res "limits" $limits }}{{ end }}
+{{- if $requests }}{{ $_ := set $res "requests" $requests }}{{ end }}
 {{- toYaml $res }}
+{{- end }}
+
+{{/* securityContext of a Ray container: .Values.securityContext, plus IPC_LOCK for rank pods when
+     rdma.enabled and rdma.ipcLock; call with (dict "root" $ "gpus" N). */}}
+{{- define "mixserve.raySecurityContext" -}}
+{{- $sc := deepCopy (default dict .root.Values.securityContext) }}
+{{- if and (include "mixserve.rdmaRanks" .) .root.Values.rdma.ipcLock }}
+{{- $caps := default dict (get $sc "capabilities") }}
+{{- $_ := set $caps "add" (get $caps "add" | default list | concat (list "IPC_LOCK") | uniq) }}
+{{- $_ := set $sc "capabilities" $caps }}
+{{- end }}
+{{- toYaml $sc }}
 {{- end }}
 
 {{/* Port of the head's gRPC probes: serve.grpcPort, or with TLS on the gateway's plaintext health-only port
@@ -418,6 +461,30 @@ mixserve/worker-group: {{ .group.name }}
   protocol: TCP
 - name: client
   containerPort: {{ .Values.ray.clientPort }}
+  protocol: TCP
+{{- if .Values.hostNetwork }}
+{{- /* the head's dashboard agent listens there too: declared, it keeps a worker pod off the head's node */}}
+- name: dashboard-agt
+  containerPort: {{ .Values.ray.dashboardAgentPort }}
+  protocol: TCP
+{{- end }}
+{{- end }}
+
+{{/* Container ports with hostNetwork on: each also a hostPort (Kubernetes requires hostPort == containerPort
+     there), so the scheduler never puts two pods that listen on one port on the same node. */}}
+{{- define "mixserve.withHostPorts" -}}
+{{- if .root.Values.hostNetwork }}
+{{- $ports := fromYamlArray .ports }}
+{{- range $ports }}{{ $_ := set . "hostPort" (int .containerPort) }}{{ end }}
+{{- toYaml $ports }}
+{{- else }}
+{{- .ports | trim }}
+{{- end }}
+{{- end }}
+
+{{- define "mixserve.workerPorts" -}}
+- name: dashboard-agt
+  containerPort: {{ .Values.ray.dashboardAgentPort }}
   protocol: TCP
 {{- end }}
 

@@ -9,6 +9,11 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- if .Values.hostNetwork }}
+hostNetwork: true
+# a host-network pod resolves cluster names (the head's Service) only with this policy
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
 {{- end }}
 
 {{/* The head pod: ray start --head, then `mixserve serve` (gateway + coordinator) in the foreground. */}}
@@ -37,7 +42,7 @@ containers:
     env:
       {{- include "mixserve.rayEnv" . | nindent 6 }}
     ports:
-      {{- include "mixserve.headPorts" . | nindent 6 }}
+      {{- include "mixserve.withHostPorts" (dict "root" . "ports" (include "mixserve.headPorts" .)) | nindent 6 }}
     {{- with $h.startupProbe }}
     startupProbe:
       {{- include "mixserve.grpcProbe" (dict "root" $ "probe" .) | nindent 6 }}
@@ -53,7 +58,7 @@ containers:
     resources:
       {{- include "mixserve.gpuResources" (dict "root" . "resources" $h.resources "gpus" $h.gpus) | nindent 6 }}
     securityContext:
-      {{- toYaml .Values.securityContext | nindent 6 }}
+      {{- include "mixserve.raySecurityContext" (dict "root" . "gpus" $h.gpus) | nindent 6 }}
     volumeMounts:
       {{- include "mixserve.volumeMounts" . | nindent 6 }}
       {{- with (include "mixserve.gatewayVolumeMounts" . | trim) }}
@@ -111,9 +116,7 @@ containers:
     env:
       {{- include "mixserve.rayEnv" $root | nindent 6 }}
     ports:
-      - name: dashboard-agt
-        containerPort: {{ $root.Values.ray.dashboardAgentPort }}
-        protocol: TCP
+      {{- include "mixserve.withHostPorts" (dict "root" $root "ports" (include "mixserve.workerPorts" $root)) | nindent 6 }}
     {{- with $root.Values.workerProbes.readinessProbe }}
     readinessProbe:
       {{- include "mixserve.agentProbe" (dict "root" $root "probe" .) | nindent 6 }}
@@ -125,7 +128,7 @@ containers:
     resources:
       {{- include "mixserve.gpuResources" (dict "root" $root "resources" $g.resources "gpus" $g.gpusPerPod) | nindent 6 }}
     securityContext:
-      {{- toYaml $root.Values.securityContext | nindent 6 }}
+      {{- include "mixserve.raySecurityContext" (dict "root" $root "gpus" $g.gpusPerPod) | nindent 6 }}
     volumeMounts:
       {{- include "mixserve.volumeMounts" $root | nindent 6 }}
 volumes:
