@@ -10,6 +10,7 @@ Performance is reported here, never asserted. Serving code never imports this pa
   offline.py   `bench offline`: every engine over one batch, per round; ratios and floors
   load.py      `bench serve`'s and `bench mixed`'s client: gRPC load generator, per-request traces, latency, /metrics
   serve.py     `bench serve`: a gateway per worker count, a concurrency or request-rate sweep
+  capacity.py  `bench capacity`: projected decode tok/s per GPU (H100/H200, M:N, nodes), the CPU overlap check
   mixed.py     `bench mixed`: long prompts arriving while short streams decode, against the groups apart
   report.py    result records, ratios, JSON, text and Markdown tables
   plot.py      latency against throughput (PNG)

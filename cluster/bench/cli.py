@@ -1,4 +1,4 @@
-"""`mixserve bench {offline,serve,mixed,failover,make-model}`: the arguments and the run (measure, print the
+"""`mixserve bench {offline,serve,mixed,failover,capacity,make-model}`: the arguments and the run (measure, print the
 tables, write JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the bench."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.capacity import main as print_capacity_tables
 from cluster.bench.failover import FailoverOptions, FailoverReport, format_failover, run_failover
 from cluster.bench.mixed import MixedOptions, MixedReport, format_mixed, run_mixed
 from cluster.bench.offline import OfflineOptions, run_offline
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--kill-after-tokens", type=int, default=8, help="every stream has this many tokens first")
     fail.add_argument("--reserved-cpus", type=int, default=None,
                       help="logical CPUs the ranks leave to the gateway; default: what `mixserve serve` picks")
+    modes.add_parser("capacity", formatter_class=defaults,
+                     help="print docs/SCALING.md's capacity tables (arithmetic only; run from the repository root)")
     model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)",
                              formatter_class=defaults)
     model.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -220,6 +223,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.bench_mode == "make-model":
         print(write_preset(args.preset, args.out, seed=args.seed))
+        return 0
+    if args.bench_mode == "capacity":
+        print_capacity_tables()
         return 0
     torch.set_num_threads(args.threads)
     if args.bench_mode == "offline":
