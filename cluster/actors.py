@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -32,7 +32,7 @@ from workers.comm import ProcessGroupHandle, create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
 from workers.model.weights import DenseWeights, ExpertShard, load_dense_weights, load_expert_shard
-from workers.runtime.attention_rank import LocalExperts
+from workers.runtime.attention_rank import LocalExperts, MicroBatching
 from workers.runtime.distributed_experts import DistributedExperts
 from workers.runtime.expert_rank import ExpertRank
 from workers.runtime.local_build import assemble_attention_rank
@@ -48,6 +48,7 @@ class RankSettings:
     backend: str
     collective_timeout_s: float
     compile_small_steps: bool = False  # the coordinator's, when it holds every expert (EngineSettings)
+    micro_batching: MicroBatching = field(default_factory=MicroBatching)  # the coordinator's (EngineSettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +217,8 @@ class Coordinator:
             raise WorkerStartError(f"coordinator: {exc}") from exc
         rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks,
                                        block_size=engine.block_size,
-                                       compile_small_steps=self.settings.compile_small_steps)
+                                       compile_small_steps=self.settings.compile_small_steps,
+                                       micro_batching=self.settings.micro_batching)
         self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
                                keepalive_interval_s=self.settings.collective_timeout_s / 4)
 

@@ -27,6 +27,7 @@ from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointError
 from workers.model.fused_decode import CompileFailed
 from workers.model.sampler import SamplingParams
+from workers.runtime.attention_rank import MicroBatching
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 API_KEY_ENV = "MIXSERVE_API_KEY"  # read by `mixserve client` only, when --api-key-file is not given
@@ -50,6 +51,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the layers of small (decode) steps when the experts are in-process "
                              "(--workers 0); compiles at start")
+    parser.add_argument("--micro-batches", type=int, default=MicroBatching().micro_batches,
+                        help="ping-pong with expert workers: split a step into this many micro-batches whose "
+                             "attention overlaps the others' experts; 1 turns overlap off")
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=MicroBatching().min_tokens,
+                        help="split only steps whose micro-batches get at least this many tokens each (smaller "
+                             "steps are bound by the experts' weight reads, which a split repeats)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +154,7 @@ def _settings(args: argparse.Namespace) -> EngineSettings:
         kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 2**20,
         gpu_memory_utilization=args.gpu_memory_utilization, num_workers=args.workers,
         compile_small_steps=args.compile,
+        micro_batching=MicroBatching(micro_batches=args.micro_batches, min_tokens=args.micro_batch_min_tokens),
     )
 
 

@@ -129,7 +129,7 @@ class RayExpertParallelEngine:
             model_dir=self.settings.model_dir, dtype=self.settings.dtype, device=self.settings.device.type,
             backend="nccl" if self.settings.device.type == "cuda" else "gloo",
             collective_timeout_s=self.options.collective_timeout_s,
-            compile_small_steps=self.settings.compile_small_steps,
+            compile_small_steps=self.settings.compile_small_steps, micro_batching=self.settings.micro_batching,
         )
         self._rank_settings, self._cpus = rank_settings, cpus
         self.coordinator = self._new_rank(0)

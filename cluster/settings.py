@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from workers.config import ModelConfig
+from workers.runtime.attention_rank import MicroBatching
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "mixserve-tiny"
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
@@ -67,6 +68,9 @@ class EngineSettings:
     # torch.compile the layers of small steps (decode) where every expert is in-process: see
     # workers.model.fused_decode. Costs a compile at start (tens of seconds on a CPU).
     compile_small_steps: bool = False
+    # ping-pong with expert workers: steps of enough tokens split into micro-batches whose attention overlaps
+    # the other micro-batch's experts (workers.runtime.attention_rank); micro_batches=1 turns it off
+    micro_batching: MicroBatching = field(default_factory=MicroBatching)
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:

@@ -19,6 +19,7 @@ from cluster.bench.report import OfflineReport, ServeReport, format_offline, for
 from cluster.bench.serve import ServeOptions, run_serve
 from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
 from cluster.settings import DEFAULT_MODEL_DIR, resolve_device, resolve_dtype, resolve_reserved_cpus
+from workers.runtime.attention_rank import MicroBatching
 
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
 
@@ -52,6 +53,11 @@ def _engine_args(p: argparse.ArgumentParser, *, max_batched_tokens: int, workers
     p.add_argument("--compile", action="store_true",
                    help="mixserve engines with in-process experts torch.compile their small (decode) steps, as "
                         "`mixserve serve --compile` does; compiled at each engine's start, before its warm-up")
+    p.add_argument("--micro-batches", type=_ints, default=(MicroBatching().micro_batches,),
+                   help="ping-pong micro-batches of engines with expert workers (`mixserve serve --micro-batches`); "
+                        "offline takes a list, e.g. 1,2, and runs each worker count once per value")
+    p.add_argument("--micro-batch-min-tokens", type=int, default=MicroBatching().min_tokens,
+                   help="`mixserve serve --micro-batch-min-tokens`")
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens per request in each engine's warm-up")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every engine this many times, interleaved (a shared machine's load then hits all "
@@ -172,6 +178,7 @@ def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=_ray_worker_niceness(args),
         reserved_cpus=_reserved_cpus(args), compile_small_steps=args.compile,
+        micro_batching=MicroBatching(micro_batches=args.micro_batches[0], min_tokens=args.micro_batch_min_tokens),
     )
 
 
@@ -181,7 +188,7 @@ def _offline(args: argparse.Namespace) -> OfflineReport:
     return run_offline(OfflineOptions(
         setup=_engine_setup(args, max_num_seqs=args.num_prompts, input_len=args.input_len, here=True),
         workload=workload, workers=args.workers, in_process=args.in_process, transformers=args.transformers,
-        ray_address=args.ray_address))
+        micro_batches=args.micro_batches, ray_address=args.ray_address))
 
 
 def _serve(args: argparse.Namespace) -> ServeReport:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -45,6 +45,7 @@ class OfflineOptions:
     setup: EngineSetup
     workload: Workload
     workers: tuple[int, ...] = (0, 1, 2)  # Ray engines; 0 = experts in the coordinator actor
+    micro_batches: tuple[int, ...] = (2,)  # engines with expert workers run once per value (ping-pong on/off)
     in_process: bool = True
     transformers: bool = True
     ray_address: str | None = None
@@ -114,7 +115,10 @@ def _engines(opts: OfflineOptions, cfg: ModelConfig, prompts: list[tuple[int, ..
     if opts.in_process:
         out.append(_Engine(IN_PROCESS_LABEL, IN_PROCESS, None, partial(run_in_process, cfg, setup, workload, prompts)))
     for w in opts.workers:
-        out.append(_Engine(ray_label(w), RAY, w, partial(run_ray, cfg, setup, workload, prompts, w)))
+        for m in opts.micro_batches if w else (1,):
+            label = ray_label(w) + (f", {m} micro-batches" if w and len(opts.micro_batches) > 1 else "")
+            variant = replace(setup, micro_batching=replace(setup.micro_batching, micro_batches=m)) if w else setup
+            out.append(_Engine(label, RAY, w, partial(run_ray, cfg, variant, workload, prompts, w, label=label)))
     return out
 
 

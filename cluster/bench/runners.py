@@ -203,7 +203,7 @@ def worker_delta(before: list[dict[str, float]], after: list[dict[str, float]]) 
 
 
 def run_ray(cfg: ModelConfig, setup: EngineSetup, workload: Workload, prompts: list[tuple[int, ...]], workers: int,
-            timed: TimedRuns) -> None:
+            timed: TimedRuns, *, label: str | None = None) -> None:
     """Starts the engine, warms it up, adds one timed run of the workload to `timed`, and shuts it down."""
     engine = start_ray_engine(cfg, setup, workload, workers)
     try:
@@ -213,7 +213,7 @@ def run_ray(cfg: ModelConfig, setup: EngineSetup, workload: Workload, prompts: l
         requests = engine_requests(prompts, workload.output_len, f"run{len(timed.seconds)}")
         timed.sample_load()
         cpu_before = cpu_seconds(engine)
-        with token_bar(workload.output_tokens, ray_label(workers), enabled=setup.progress) as bar:
+        with token_bar(workload.output_tokens, label or ray_label(workers), enabled=setup.progress) as bar:
             seconds, steps, tokens = _ray_generate(engine, requests, bar.update, setup.timeout_s)
         timed.add(seconds, steps, tokens, delta(cpu_before, cpu_seconds(engine)))
         after = worker_seconds(engine)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from cluster.scheduler import SchedulerConfig
 from cluster.settings import EngineSettings
 from workers.config import ModelConfig
 from workers.model.sampler import SamplingParams
+from workers.runtime.attention_rank import MicroBatching
 from workers.runtime.local_build import kv_cache_spec
 
 RESERVED_IDS = 3  # <unk>, <s>, </s> in Mixtral vocabularies: never used as prompt tokens
@@ -141,6 +142,7 @@ class EngineSetup:
     ray_worker_niceness: str = "Ray's default"  # recorded here; the entry point applies it before Ray starts
     reserved_cpus: int = 0  # Ray ranks run threads_per_rank minus this (the gateway's share in serve)
     compile_small_steps: bool = False  # EngineSettings.compile_small_steps for every mixserve engine
+    micro_batching: MicroBatching = field(default_factory=MicroBatching)  # EngineSettings.micro_batching
 
     def __post_init__(self) -> None:
         for name in ("threads_per_rank", "max_batched_tokens", "max_num_seqs", "block_size", "warmup_tokens",
@@ -157,7 +159,9 @@ class EngineSetup:
                 "max_num_seqs": str(self.max_num_seqs), "block_size": str(self.block_size),
                 "warmup_tokens": str(self.warmup_tokens), "rounds": str(self.rounds),
                 "ray_worker_niceness": self.ray_worker_niceness, "reserved_cpus": str(self.reserved_cpus),
-                "compile_small_steps": "on" if self.compile_small_steps else "off"}
+                "compile_small_steps": "on" if self.compile_small_steps else "off",
+                "micro_batches": str(self.micro_batching.micro_batches),
+                "micro_batch_min_tokens": str(self.micro_batching.min_tokens)}
 
 
 def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int = 0) -> EngineSettings:
@@ -167,7 +171,7 @@ def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, wo
     kv_bytes = per_sequence * min(setup.max_num_seqs, workload.num_prompts) * spec.bytes_per_block
     return EngineSettings(model_dir=setup.model_dir, device=setup.device, dtype=setup.dtype, kv_cache_bytes=kv_bytes,
                           block_size=setup.block_size, num_workers=workers,
-                          compile_small_steps=setup.compile_small_steps)
+                          compile_small_steps=setup.compile_small_steps, micro_batching=setup.micro_batching)
 
 
 def scheduler_config(setup: EngineSetup) -> SchedulerConfig:

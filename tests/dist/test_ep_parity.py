@@ -1,5 +1,6 @@
 """Expert parallelism without Ray: spawned gloo ranks run the attention rank and 1-4 expert ranks, and the
-logits at every prefill and decode position match transformers within 1e-4 (fp32)."""
+logits at every prefill and decode position match transformers within 1e-4 (fp32), in one batch and with
+every step of two or more sequences split into two ping-pong micro-batches."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from workers.model.checkpoint import CheckpointReader
 from workers.model.weights import load_dense_weights, load_expert_shard
 from workers.runtime.distributed_experts import DistributedExperts
 from workers.runtime.expert_rank import ExpertRank
+from workers.runtime.attention_rank import MicroBatching
 from workers.runtime.local_build import assemble_attention_rank
 
 CPU = torch.device("cpu")
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prompt_lens, max_bytes, errors) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, model_dir: str, sequences, prompt_lens, max_bytes, micro_batches, errors
+) -> None:
     try:
         torch.set_num_threads(1)
         cfg = ModelConfig.from_model_dir(model_dir)
@@ -34,7 +38,8 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prom
             experts = DistributedExperts(parallel, group=handle.group, device=CPU, top_k=cfg.num_experts_per_tok,
                                          row_bytes=cfg.hidden_size * torch.float32.itemsize)
             dense = load_dense_weights(reader, cfg, dtype=torch.float32, device=CPU)
-            attention = assemble_attention_rank(cfg, dense, experts, num_blocks=128, block_size=4)
+            attention = assemble_attention_rank(cfg, dense, experts, num_blocks=128, block_size=4,
+                                                micro_batching=MicroBatching(micro_batches=micro_batches, min_tokens=1))
             logits = teacher_forced_logits(attention, sequences, prompt_lens)
             experts.stop()
             errors.put(("logits", [t.clone() for t in logits]))
@@ -49,11 +54,12 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, sequences, prom
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("micro_batches", [1, 2], ids=["one-batch", "ping-pong"])
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 4])
 @pytest.mark.parametrize(
     "max_bytes", [1 << 20, 0], ids=["counts-with-rows", "split-sizes-first"]
 )  # tiny8 steps all fit 1 MiB: the first runs every step in one collective, the second never
-def test_expert_parallel_logits_match_transformers(tiny8, num_workers, max_bytes):
+def test_expert_parallel_logits_match_transformers(tiny8, num_workers, max_bytes, micro_batches):
     hf = load_hf(tiny8)
     gen = torch.Generator().manual_seed(num_workers)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 17, 11)]
@@ -65,7 +71,8 @@ def test_expert_parallel_logits_match_transformers(tiny8, num_workers, max_bytes
     port = free_port()
     prompt_lens = [len(p) for p in prompts]
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, str(tiny8), sequences, prompt_lens, max_bytes, results))
+        ctx.Process(target=_rank_main, args=(r, world, port, str(tiny8), sequences, prompt_lens, max_bytes, micro_batches,
+                                            results))
         for r in range(world)
     ]
     for p in procs:

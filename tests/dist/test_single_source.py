@@ -138,7 +138,7 @@ def _drive_steps(group: dist.ProcessGroup, parallel: ParallelConfig, layers: lis
     local_index_E = torch.tensor(parallel.local_index_of_expert)
     gen = torch.Generator().manual_seed(7)
     for capacity in HEADER_CAPACITIES:
-        header = StepHeader(command=Command.STEP, num_tokens=TOKENS, capacity_rows=capacity)
+        header = StepHeader(command=Command.STEP, num_tokens=TOKENS, capacities=(capacity,))
         broadcast_header(header, group=group, device=CPU)
         for layer, experts in enumerate(layers):
             x_TD = torch.randn(TOKENS, WIDTH, generator=gen)

@@ -124,9 +124,11 @@ def test_no_fused_layers_where_they_do_not_apply(tiny8, monkeypatch):
     assert fused_layers_for(rank.model, LocalExperts(packed), _eager_segments()) is None
 
     class RemoteExperts:
-        def begin_step(self, num_tokens: int) -> None: ...
+        overlaps = True
 
-        def moe(self, layer, x_TD, weights_TK, ids_TK, timings):
+        def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> None: ...
+
+        def start_moe(self, layer, micro_batch, x_TD, weights_TK, ids_TK, timings):
             raise AssertionError("not called")
 
     assert fused_layers_for(rank.model, RemoteExperts(), _eager_segments()) is None

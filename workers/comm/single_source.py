@@ -68,9 +68,7 @@ def dispatch_from_source(
     if source in receivers or not receivers or any(not 0 <= r < num_ranks for r in receivers):
         raise DispatchError(f"receivers {receivers} must be ranks of the group of {num_ranks} other than {source}")
     device, (num_rows, width) = x_ND.device, x_ND.shape
-    row_bytes = width * x_ND.element_size()
-    header_bytes = num_local_experts_max * _COUNT_BYTES
-    slot_bytes = -(-(header_bytes + capacity * row_bytes) // _COUNT_BYTES) * _COUNT_BYTES  # 8-byte aligned
+    header_bytes, slot_bytes = slot_layout(num_local_experts_max, capacity, width * x_ND.element_size())
     permutation_N = torch.empty(0, dtype=torch.int64, device=device)
     send_counts_RE = torch.zeros(num_ranks, num_local_experts_max, dtype=torch.int64, device=device)
     send_BYTES = torch.empty(0, dtype=torch.uint8, device=device)
@@ -84,7 +82,7 @@ def dispatch_from_source(
         _check_rows("x_ND", x_ND, permutation_N.shape[0])
         if int(send_counts_RE[[r for r in range(num_ranks) if r not in receivers]].sum()):
             raise DispatchError(f"rows are routed to ranks outside the receivers {receivers}")
-        send_BYTES = _pack(x_ND, permutation_N, send_counts_RE, receivers, slot_bytes, header_bytes)
+        send_BYTES = pack_slots(x_ND, permutation_N, send_counts_RE, receivers, slot_bytes, header_bytes)
     elif num_rows:
         raise DispatchError(f"only the source rank {source} sends rows; rank {rank} got {num_rows}")
     input_splits = [slot_bytes if rank == source and r in receivers else 0 for r in range(num_ranks)]
@@ -100,7 +98,7 @@ def dispatch_from_source(
         if counts_e.min() < 0 or num_received > capacity:
             raise DispatchError(f"received counts {counts_e.tolist()} do not fit the capacity of {capacity} rows")
         recv_counts_RE[source] = counts_e
-        rows = recv_BYTES[header_bytes : header_bytes + num_received * row_bytes]
+        rows = recv_BYTES[header_bytes : header_bytes + num_received * width * x_ND.element_size()]
         recv_x_MD = rows.view(x_ND.dtype).view(num_received, width)  # [M, D], a view of the received bytes
     plan = DispatchPlan(
         permutation_N=permutation_N, send_counts_RE=send_counts_RE, recv_counts_RE=recv_counts_RE,
@@ -128,7 +126,14 @@ def dispatch_step(
                                 num_local_experts_max=num_local_experts_max, capacity=capacity, receivers=receivers)
 
 
-def _pack(
+def slot_layout(num_local_experts_max: int, capacity: int, row_bytes: int) -> tuple[int, int]:
+    """(header bytes, slot bytes) of one receiver's slot: e_max int64 counts, then room for `capacity` rows,
+    padded to 8 bytes."""
+    header_bytes = num_local_experts_max * _COUNT_BYTES
+    return header_bytes, -(-(header_bytes + capacity * row_bytes) // _COUNT_BYTES) * _COUNT_BYTES
+
+
+def pack_slots(
     x_ND: torch.Tensor, permutation_N: torch.Tensor, send_counts_RE: torch.Tensor, receivers: tuple[int, ...],
     slot_bytes: int, header_bytes: int,
 ) -> torch.Tensor:

@@ -3,8 +3,9 @@ experts (one matmul pair per expert over all its rows, which arrive grouped by e
 rank sends), and send the rows back.
 
 Driven entirely by the collectives of the attention rank; knows nothing of requests or tokens. Rows
-arrive the way the attention rank chose to send them, which the step header says: with their counts in
-one collective sized for `capacity_rows` rows, or after a split-size exchange when it is 0.
+arrive the way the attention rank chose to send them, which the step header says: per layer in one or more
+micro-batches (ping-pong), each with its counts in one collective sized for its capacity, or after a
+split-size exchange when that is 0.
 Shapes: M rows received, D model dim, e local experts.
 """
 
@@ -45,7 +46,8 @@ class ExpertRank:
                 return
             if header.command is Command.STEP:
                 for layer in range(len(self.shard.layers)):
-                    self._layer(layer, header.capacity_rows)
+                    for capacity in header.capacities:  # one per micro-batch, in the order they are sent
+                        self._layer(layer, capacity)
                 self.steps += 1
 
     def _layer(self, layer: int, capacity: int) -> None:

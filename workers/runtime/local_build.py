@@ -13,7 +13,7 @@ from workers.model.fused_decode import CompileFailed, FusedSegments, compile_seg
 from workers.model.kv_cache import KVCachePool, KVCacheSpec
 from workers.model.transformer import DenseModel
 from workers.model.weights import DenseWeights, load_dense_weights, load_expert_shard
-from workers.runtime.attention_rank import AttentionRank, LocalExperts, MoEBackend
+from workers.runtime.attention_rank import AttentionRank, LocalExperts, MicroBatching, MoEBackend
 from workers.runtime.fused_layers import FusedLayers
 
 
@@ -58,6 +58,7 @@ def assemble_attention_rank(
     num_blocks: int,
     block_size: int,
     compile_small_steps: bool = False,
+    micro_batching: MicroBatching | None = None,
 ) -> AttentionRank:
     spec = kv_cache_spec(
         cfg, num_blocks=num_blocks, block_size=block_size, dtype=dense.embed_VD.dtype, device=dense.embed_VD.device
@@ -72,7 +73,7 @@ def assemble_attention_rank(
             first_line = text.splitlines()[0] if text else type(exc).__name__
             raise CompileFailed(f"compile_small_steps: torch.compile failed ({first_line}); on a CPU it needs a "
                                 "C++ compiler (g++), or run without --compile") from exc
-    return AttentionRank(model, KVCachePool(spec), experts, fused)
+    return AttentionRank(model, KVCachePool(spec), experts, fused, micro_batching)
 
 
 def fused_layers_for(model: DenseModel, experts: MoEBackend, segments: FusedSegments) -> FusedLayers | None:
