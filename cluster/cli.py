@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from cluster.allocator import MallocSettings
+from cluster.chat_template import ChatTemplate
 from cluster.cpu_tuning import CpuPolicy
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError, WorkerStartError
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
     srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    srv.add_argument("--chat-template", type=Path, default=None,
+                     help="Jinja chat template file for chat requests (gRPC `messages`); None: the model's "
+                          "chat_template.jinja or tokenizer_config.json chat_template")
     srv.add_argument("--replay-timeout", type=float, default=60.0,
                      help="seconds a request in flight waits, after an engine failure, to be replayed on the "
                           "recovered engine before it fails with UNAVAILABLE")
@@ -214,10 +218,11 @@ def run_serve(args: argparse.Namespace) -> int:
     options = GatewayOptions(host=args.host, port=args.port, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port, grace_s=args.grace,
                              replay_timeout_s=args.replay_timeout, security=security,
-                             health_port=args.health_port,
+                             health_port=args.health_port, chat_template=args.chat_template,
                              limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit,
                                                   max_prompt_chars=args.max_prompt_chars))
     load_security(security)  # fail on a bad file now, not after the cluster has started; the gateway reloads once
+    ChatTemplate.from_model_dir(args.model, path=args.chat_template)  # a bad template fails before the cluster starts
     serve(_settings(args), _cluster_options(args), scheduler, options, args.ray_address)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -78,4 +79,12 @@ def write_served_model(out_dir: Path) -> Path:
                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                        sliding_window=32)
     write_byte_bpe_tokenizer(out_dir, 320)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": SERVED_CHAT_TEMPLATE}))
     return out_dir
+
+
+SERVED_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,6 +47,7 @@ class GatewayOptions:
     security: SecurityOptions = field(default_factory=SecurityOptions)
     # A plaintext port serving grpc.health.v1 only, for Kubernetes gRPC probes (they cannot speak TLS).
     health_port: int | None = None
+    chat_template: Path | None = None  # --chat-template; None: the checkpoint's (cluster.chat_template)
 
     def __post_init__(self) -> None:
         if self.limits.max_prompt_chars > self.security.max_message_bytes:
@@ -66,7 +68,9 @@ class Gateway:
                                       worker_of_expert=engine.placement.worker_of_expert,
                                       num_workers=engine.options.num_workers)
         self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s)
-        self.tokenizer = TextTokenizer.from_model_dir(engine.settings.model_dir, cfg.bos_token_id)
+        self.tokenizer = TextTokenizer.from_model_dir(
+            engine.settings.model_dir, cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None, chat_template_path=options.chat_template)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -85,6 +89,7 @@ class Gateway:
             sliding_window=cfg.sliding_window or 0, num_expert_workers=self.engine.options.num_workers,
             dtype=str(settings.dtype).removeprefix("torch."), device=settings.device.type,
             max_new_tokens_limit=self.options.limits.max_new_tokens, has_tokenizer=self.tokenizer is not None,
+            has_chat_template=self.tokenizer is not None and self.tokenizer.chat_template is not None,
         )
 
     async def start(self) -> None:

@@ -77,10 +77,16 @@ def validate_request(
 def _prompt_ids(
     request: pb.GenerateRequest, cfg: ModelConfig, tokenizer: TextTokenizer | None, limits: RequestLimits
 ) -> tuple[int, ...]:
-    has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
-    if has_text == has_ids:
-        raise InvalidRequest("prompt", "set exactly one of prompt and prompt_token_ids")
-    if has_text:
+    given = [name for name, present in (("prompt", bool(request.prompt)),
+                                        ("prompt_token_ids", bool(request.prompt_token_ids)),
+                                        ("messages", bool(request.messages))) if present]
+    if len(given) != 1:
+        raise InvalidRequest("prompt", "set exactly one of prompt, prompt_token_ids and messages")
+    if request.messages:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        add_generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        ids, field = chat_prompt_ids(messages, add_generation_prompt, tokenizer, limits), "messages"
+    elif request.prompt:
         if len(request.prompt) > limits.max_prompt_chars:
             raise InvalidRequest("prompt", f"is longer than {limits.max_prompt_chars} characters")
         ids = tuple(require_tokenizer(tokenizer, "prompt").encode(request.prompt))
@@ -94,6 +100,16 @@ def _prompt_ids(
     if len(ids) >= cfg.max_position_embeddings:
         raise InvalidRequest(field, f"has {len(ids)} tokens; the context holds {cfg.max_position_embeddings}")
     return ids
+
+
+def chat_prompt_ids(
+    messages: object, add_generation_prompt: bool, tokenizer: TextTokenizer | None, limits: RequestLimits
+) -> tuple[int, ...]:
+    """A conversation rendered by the model's chat template; raises InvalidRequest naming the field."""
+    prompt = require_tokenizer(tokenizer, "messages").encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    if len(prompt.text) > limits.max_prompt_chars:
+        raise InvalidRequest("messages", f"render to {len(prompt.text)} characters; at most {limits.max_prompt_chars}")
+    return tuple(prompt.token_ids)
 
 
 def _stop_strings(s: pb.SamplingParams, tokenizer: TextTokenizer | None, limits: RequestLimits) -> tuple[str, ...]:

@@ -75,6 +75,35 @@ def test_text_prompt_round_trips_through_the_tokenizer(server, served_model):
     assert response.usage.prompt_tokens == len(tokenizer.encode(prompt))
 
 
+def test_chat_messages_go_through_the_models_chat_template(server, served_model):
+    cfg = ModelConfig.from_model_dir(served_model)
+    tokenizer = TextTokenizer.from_model_dir(served_model, cfg.bos_token_id)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def add(a, b):"}]
+    request = pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in messages],
+                                 sampling=pb.SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    prompt = tokenizer.encode_chat(messages).token_ids
+    assert tokenizer.decode(list(prompt)).endswith("[user] def add(a, b):\n[assistant] ")
+    expected = offline(served_model, list(prompt), max_new=8)
+    assert list(server.stub.Generate(request, timeout=60).token_ids) == expected
+    assert [t for c in server.stub.GenerateStream(request, timeout=60) for t in c.token_ids] == expected
+    assert server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).has_chat_template
+
+
+@pytest.mark.parametrize(
+    ("messages", "field", "text"),
+    [
+        ([pb.ChatMessage(role="", content="hi")], "messages[0].role", ""),
+        ([pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="robot", content="x")], "messages",
+         "unknown role robot"),
+    ],
+)
+def test_bad_chat_messages_are_invalid_argument_naming_the_field(server, messages, field, text):
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Generate(pb.GenerateRequest(messages=messages), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field) and text in err.value.details(), err.value.details()
+
+
 def test_32_concurrent_streams_each_match_their_offline_run(server, served_model):
     gen = torch.Generator().manual_seed(5)
     cases = []
@@ -138,6 +167,7 @@ def test_cancelled_stream_and_expired_deadline_free_the_cache(server):
     [
         (pb.GenerateRequest(), "prompt"),
         (pb.GenerateRequest(prompt="hi", prompt_token_ids=[1]), "prompt"),
+        (pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "prompt"),
         (pb.GenerateRequest(prompt_token_ids=[1] * 300), "prompt_token_ids"),
         (pb.GenerateRequest(prompt_token_ids=[1, 999]), "prompt_token_ids"),
         (pb.GenerateRequest(prompt_token_ids=[1, -4]), "prompt_token_ids"),
