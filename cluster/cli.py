@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
     srv.add_argument("--max-batched-tokens", type=int, default=1024, help="tokens per engine step (chunked prefill)")
     srv.add_argument("--max-waiting", type=int, default=256, help="waiting queue bound (then RESOURCE_EXHAUSTED)")
+    srv.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="reuse the KV blocks of shared prompt prefixes (system prompts, multi-turn chats); "
+                          "--no-prefix-caching turns it off")
     srv.add_argument("--max-new-tokens-limit", type=int, default=4096)
     srv.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
     srv.add_argument("--chat-template", type=Path, default=None,
@@ -212,7 +215,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                                max_waiting=args.max_waiting)
+                                max_waiting=args.max_waiting, enable_prefix_caching=args.prefix_caching)
     security = SecurityOptions(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                api_keys_file=args.api_keys_file, max_message_bytes=args.max_message_bytes)
     options = GatewayOptions(host=args.host, port=args.port, metrics_host=args.metrics_host,

@@ -47,7 +47,7 @@ class LLMEngine:
         if request.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens", f"must be at least 1, got {request.max_new_tokens}")
         total = min(len(prompt) + request.max_new_tokens, self.max_model_len)
-        if self.rank.pool.spec.max_blocks_per_sequence(total) > self.rank.pool.spec.num_blocks:
+        if self.rank.pool.max_blocks_held(total) > self.rank.pool.spec.num_blocks:
             raise InvalidRequest("max_new_tokens", f"{total} tokens do not fit in the KV cache")
         if request.request_id in self.sequences:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
@@ -71,9 +71,12 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[SequenceUpdate]:
-        preempted_before = self.scheduler.num_preemptions
-        plan = self.scheduler.schedule()
-        self.stats.preemptions += self.scheduler.num_preemptions - preempted_before
+        scheduler = self.scheduler
+        before = (scheduler.num_preemptions, scheduler.prefix_cache_queries, scheduler.prefix_cache_hits)
+        plan = scheduler.schedule()
+        self.stats.preemptions += scheduler.num_preemptions - before[0]
+        self.stats.prefix_cache_queries += scheduler.prefix_cache_queries - before[1]
+        self.stats.prefix_cache_hits += scheduler.prefix_cache_hits - before[2]
         if not plan:
             return []
         timings = StepTimings.for_device(self.rank.model.device)
@@ -83,6 +86,7 @@ class LLMEngine:
                 s.seq.first_scheduled = now
         token_ids = [t for s in plan for t in s.seq.token_ids(s.chunk.start, s.chunk.start + s.chunk.num_new)]
         h_TD = self.rank.forward(torch.tensor(token_ids, dtype=torch.int64), [s.chunk for s in plan], timings)
+        scheduler.commit(plan)  # before sampling, which frees the blocks of the sequences it finishes
         sampled = [s for s in plan if s.completes]
         updates = self._sample(plan, sampled, h_TD, timings) if sampled else []
         self.stats.record_step(len(plan), len(token_ids), timings)

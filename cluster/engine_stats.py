@@ -1,5 +1,6 @@
 """What the engine did since the last look: per-step batch sizes and phase times, routed tokens per
-(layer, expert). The engine loop sends a snapshot with every batch of updates; metrics read it."""
+(layer, expert), preemptions and prefix-cache lookups. The engine loop sends a snapshot with every batch of
+updates; metrics read it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class StatsSnapshot:
     phase_seconds: tuple[dict[str, float], ...]
     routed_tokens_LE: tuple[tuple[int, ...], ...]  # since the previous snapshot
     preemptions: int = 0  # since the previous snapshot
+    prefix_cache_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache, since the previous
+    prefix_cache_hits: int = 0  # of those, tokens whose cached K/V were reused, since the previous snapshot
 
 
 @dataclass
@@ -31,6 +34,8 @@ class EngineStats:
     batch_tokens: list[int] = field(default_factory=list)
     phase_seconds: list[dict[str, float]] = field(default_factory=list)
     preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     routed_tokens_LE: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,9 +53,10 @@ class EngineStats:
             batch_sizes=tuple(self.batch_sizes), batch_tokens=tuple(self.batch_tokens),
             phase_seconds=tuple(self.phase_seconds),
             routed_tokens_LE=tuple(tuple(row) for row in self.routed_tokens_LE.tolist()),
-            preemptions=self.preemptions,
+            preemptions=self.preemptions, prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
         )
-        self.preemptions = 0
+        self.preemptions = self.prefix_cache_queries = self.prefix_cache_hits = 0
         self.batch_sizes.clear()
         self.batch_tokens.clear()
         self.phase_seconds.clear()
@@ -75,4 +81,6 @@ def merge_snapshots(snapshots: list[StatsSnapshot]) -> StatsSnapshot | None:
         phase_seconds=tuple(p for s in snapshots for p in s.phase_seconds),
         routed_tokens_LE=tuple(tuple(row) for row in routed),
         preemptions=sum(s.preemptions for s in snapshots),
+        prefix_cache_queries=sum(s.prefix_cache_queries for s in snapshots),
+        prefix_cache_hits=sum(s.prefix_cache_hits for s in snapshots),
     )

@@ -58,6 +58,9 @@ def _engine_args(p: argparse.ArgumentParser, *, max_batched_tokens: int, workers
                         "offline takes a list, e.g. 1,2, and runs each worker count once per value")
     p.add_argument("--micro-batch-min-tokens", type=int, default=MicroBatching().min_tokens,
                    help="`mixserve serve --micro-batch-min-tokens`")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixserve engines reuse cached prompt prefixes (`mixserve serve` has it on); off here because "
+                        "the warm-up sends the measured prompts first")
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens per request in each engine's warm-up")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every engine this many times, interleaved (a shared machine's load then hits all "
@@ -179,6 +182,7 @@ def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=_ray_worker_niceness(args),
         reserved_cpus=_reserved_cpus(args), compile_small_steps=args.compile,
         micro_batching=MicroBatching(micro_batches=args.micro_batches[0], min_tokens=args.micro_batch_min_tokens),
+        prefix_caching=args.prefix_caching,
     )
 
 

@@ -143,6 +143,9 @@ class EngineSetup:
     reserved_cpus: int = 0  # Ray ranks run threads_per_rank minus this (the gateway's share in serve)
     compile_small_steps: bool = False  # EngineSettings.compile_small_steps for every mixserve engine
     micro_batching: MicroBatching = field(default_factory=MicroBatching)  # EngineSettings.micro_batching
+    # off by default: the warm-up and earlier rounds send the measured prompts, so a prefix cache would let the
+    # measured run skip their prefill, which transformers cannot
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("threads_per_rank", "max_batched_tokens", "max_num_seqs", "block_size", "warmup_tokens",
@@ -161,7 +164,8 @@ class EngineSetup:
                 "ray_worker_niceness": self.ray_worker_niceness, "reserved_cpus": str(self.reserved_cpus),
                 "compile_small_steps": "on" if self.compile_small_steps else "off",
                 "micro_batches": str(self.micro_batching.micro_batches),
-                "micro_batch_min_tokens": str(self.micro_batching.min_tokens)}
+                "micro_batch_min_tokens": str(self.micro_batching.min_tokens),
+                "prefix_caching": "on" if self.prefix_caching else "off"}
 
 
 def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int = 0) -> EngineSettings:
@@ -176,4 +180,4 @@ def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, wo
 
 def scheduler_config(setup: EngineSetup) -> SchedulerConfig:
     return SchedulerConfig(max_num_seqs=setup.max_num_seqs, max_batched_tokens=setup.max_batched_tokens,
-                           max_waiting=max(256, setup.max_num_seqs))
+                           max_waiting=max(256, setup.max_num_seqs), enable_prefix_caching=setup.prefix_caching)

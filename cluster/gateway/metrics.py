@@ -44,6 +44,10 @@ class GatewayMetrics:
         self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
         self.preemptions = Counter("mixserve_preemptions", "Running sequences evicted to free KV blocks (recomputed "
                                    "later)", registry=r)
+        self.prefix_cache_queries = Counter("mixserve_prefix_cache_query_tokens", "Tokens of admitted sequences "
+                                            "looked up in the prefix cache", registry=r)
+        self.prefix_cache_hits = Counter("mixserve_prefix_cache_hit_tokens", "Looked-up tokens whose cached KV "
+                                         "blocks were reused instead of computed", registry=r)
         self.expert_tokens = Counter("mixserve_expert_routed_tokens", "Token rows routed to each expert",
                                      ["layer", "expert"], registry=r)
         self.worker_tokens = Counter("mixserve_worker_routed_tokens", "Token rows routed to each expert worker",
@@ -70,6 +74,8 @@ class GatewayMetrics:
 
     def observe_stats(self, stats: StatsSnapshot) -> None:
         self.preemptions.inc(stats.preemptions)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)

@@ -41,6 +41,8 @@ COUNTERS = {
     "mixserve_worker_recoveries_total",
     "mixserve_preemptions_total",
     "mixserve_request_replays_total",
+    "mixserve_prefix_cache_query_tokens_total",
+    "mixserve_prefix_cache_hit_tokens_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",
