@@ -22,7 +22,14 @@ from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.ray_session import ray_session
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
-from cluster.settings import DEFAULT_MODEL_DIR, EngineSettings, resolve_device, resolve_dtype, resolve_reserved_cpus
+from cluster.settings import (
+    DEFAULT_MODEL_DIR,
+    EngineSettings,
+    resolve_device,
+    resolve_dtype,
+    resolve_micro_batches,
+    resolve_reserved_cpus,
+)
 from cluster.tokenizer import TextTokenizer, require_tokenizer
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointError
@@ -52,9 +59,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the layers of small (decode) steps when the experts are in-process "
                              "(--workers 0); compiles at start")
-    parser.add_argument("--micro-batches", type=int, default=MicroBatching().micro_batches,
+    parser.add_argument("--micro-batches", type=int, default=None,
                         help="ping-pong with expert workers: split a step into this many micro-batches whose "
-                             "attention overlaps the others' experts; 1 turns overlap off")
+                             "attention overlaps the others' experts; 1 turns overlap off; None: 2 on CUDA, 1 on "
+                             "CPU (where the ranks share the cores, measured no faster)")
     parser.add_argument("--micro-batch-min-tokens", type=int, default=MicroBatching().min_tokens,
                         help="split only steps whose micro-batches get at least this many tokens each (smaller "
                              "steps are bound by the experts' weight reads, which a split repeats)")
@@ -161,7 +169,8 @@ def _settings(args: argparse.Namespace) -> EngineSettings:
         kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 2**20,
         gpu_memory_utilization=args.gpu_memory_utilization, num_workers=args.workers,
         compile_small_steps=args.compile,
-        micro_batching=MicroBatching(micro_batches=args.micro_batches, min_tokens=args.micro_batch_min_tokens),
+        micro_batching=MicroBatching(micro_batches=resolve_micro_batches(args.micro_batches, device),
+                                     min_tokens=args.micro_batch_min_tokens),
     )
 
 

@@ -48,6 +48,16 @@ def resolve_reserved_cpus(requested: int | None, model_dir: Path) -> int:
     return gateway_reserved_cpus(ModelConfig.from_model_dir(model_dir).active_params_per_token)
 
 
+def resolve_micro_batches(requested: int | None, device: torch.device) -> int:
+    """Ping-pong micro-batches per step: `requested`, else 2 on CUDA and 1 (off) on CPU. Measured on the 2-core
+    CPU (W2, 1 expert worker, docs/PERFORMANCE.md "Ping-pong"): the ranks already take turns on both cores, so
+    an overlapped rank only competes for them (17.36 s against 17.17 s); on GPUs every rank has its own device,
+    which is where the overlap pays (projected in docs/SCALING.md; not yet measured on a GPU)."""
+    if requested is not None:
+        return requested
+    return 2 if device.type == "cuda" else 1
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32

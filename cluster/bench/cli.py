@@ -18,7 +18,13 @@ from cluster.bench.plot import plot_report
 from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
 from cluster.bench.serve import ServeOptions, run_serve
 from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
-from cluster.settings import DEFAULT_MODEL_DIR, resolve_device, resolve_dtype, resolve_reserved_cpus
+from cluster.settings import (
+    DEFAULT_MODEL_DIR,
+    resolve_device,
+    resolve_dtype,
+    resolve_micro_batches,
+    resolve_reserved_cpus,
+)
 from workers.runtime.attention_rank import MicroBatching
 
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
@@ -53,9 +59,9 @@ def _engine_args(p: argparse.ArgumentParser, *, max_batched_tokens: int, workers
     p.add_argument("--compile", action="store_true",
                    help="mixserve engines with in-process experts torch.compile their small (decode) steps, as "
                         "`mixserve serve --compile` does; compiled at each engine's start, before its warm-up")
-    p.add_argument("--micro-batches", type=_ints, default=(MicroBatching().micro_batches,),
+    p.add_argument("--micro-batches", type=_ints, default=None,
                    help="ping-pong micro-batches of engines with expert workers (`mixserve serve --micro-batches`); "
-                        "offline takes a list, e.g. 1,2, and runs each worker count once per value")
+                        "offline takes a list, e.g. 1,2, and runs each worker count once per value; None: as serve")
     p.add_argument("--micro-batch-min-tokens", type=int, default=MicroBatching().min_tokens,
                    help="`mixserve serve --micro-batch-min-tokens`")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
@@ -172,6 +178,10 @@ def _reserved_cpus(args: argparse.Namespace) -> int:
     return resolve_reserved_cpus(args.reserved_cpus, args.model)
 
 
+def _micro_batches(args: argparse.Namespace, device: torch.device) -> tuple[int, ...]:
+    return args.micro_batches or (resolve_micro_batches(None, device),)
+
+
 def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int, here: bool) -> EngineSetup:
     """here: something runs on the device in this process (the in-process engine, the transformers baseline)."""
     device = resolve_device(args.device, ranks_run_here=here)
@@ -181,7 +191,8 @@ def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int
         block_size=args.block_size, warmup_tokens=args.warmup_tokens, rounds=args.rounds,
         progress=args.progress, timeout_s=args.timeout, ray_worker_niceness=_ray_worker_niceness(args),
         reserved_cpus=_reserved_cpus(args), compile_small_steps=args.compile,
-        micro_batching=MicroBatching(micro_batches=args.micro_batches[0], min_tokens=args.micro_batch_min_tokens),
+        micro_batching=MicroBatching(micro_batches=_micro_batches(args, device)[0],
+                                     min_tokens=args.micro_batch_min_tokens),
         prefix_caching=args.prefix_caching,
     )
 
@@ -192,7 +203,8 @@ def _offline(args: argparse.Namespace) -> OfflineReport:
     return run_offline(OfflineOptions(
         setup=_engine_setup(args, max_num_seqs=args.num_prompts, input_len=args.input_len, here=True),
         workload=workload, workers=args.workers, in_process=args.in_process, transformers=args.transformers,
-        micro_batches=args.micro_batches, ray_address=args.ray_address))
+        micro_batches=_micro_batches(args, resolve_device(args.device, ranks_run_here=True)),
+        ray_address=args.ray_address))
 
 
 def _serve(args: argparse.Namespace) -> ServeReport:

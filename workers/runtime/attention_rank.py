@@ -82,7 +82,7 @@ class MicroBatching:
     at least `min_tokens` tokens (smaller steps run as one batch: their experts' weight reads, not their
     compute, set the time, and a split would read them twice)."""
 
-    micro_batches: int = 2
+    micro_batches: int = 1
     min_tokens: int = 256
 
     def __post_init__(self) -> None:
