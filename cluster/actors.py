@@ -206,7 +206,8 @@ class Coordinator:
                 raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
             self.experts = DistributedExperts(
                 self.parallel, group=self.group.group, device=self.group.device, top_k=self.cfg.num_experts_per_tok,
-                row_bytes=self.cfg.hidden_size * self.settings.dtype.itemsize,
+                row_bytes=self.cfg.hidden_size * self.settings.dtype.itemsize, num_layers=self.cfg.num_hidden_layers,
+                hidden_size=self.cfg.hidden_size, dtype=self.settings.dtype,
             )
             keepalive = self.experts.keepalive
         # the cache is sized here, on the coordinator's own device, after its weights are loaded

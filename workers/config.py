@@ -151,7 +151,8 @@ def _rope_theta(raw: dict[str, Any]) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Where each expert lives: rank 0 is the attention rank, expert workers are ranks 1..num_workers.
+    """Where each expert lives: ranks 0..num_coordinators-1 are attention ranks (coordinators), expert workers
+    are the ranks after them.
 
     `worker_of_expert[e]` is the worker index (0-based) holding expert e, the same for every layer;
     `local_index_of_expert[e]` is its position among that worker's experts (sorted by global id). The one
@@ -165,8 +166,13 @@ class ParallelConfig:
     # it sends, workers x T*K rows, stays within this many bytes (one worker: always, it pads nothing); 0: never.
     # Only the attention rank reads it: the step header carries its decision to the expert ranks.
     single_collective_max_bytes: int = 1 << 20
+    # attention ranks sending to the same workers in the same collectives (docs/SCALING.md, "Several
+    # coordinators"); with more than one, every step exchanges split sizes first
+    num_coordinators: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.num_coordinators, int) or self.num_coordinators < 1:
+            raise ConfigError(f"num_coordinators must be an int >= 1, got {self.num_coordinators!r}")
         if not isinstance(self.worker_of_expert, tuple):
             raise ConfigError(f"worker_of_expert must be a tuple, got {type(self.worker_of_expert).__name__}")
         if not self.worker_of_expert:
@@ -215,7 +221,11 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.num_workers + 1
+        return self.num_coordinators + self.num_workers
+
+    @property
+    def worker_ranks(self) -> tuple[int, ...]:
+        return tuple(range(self.num_coordinators, self.world_size))
 
     def experts_of_worker(self, worker: int) -> tuple[int, ...]:
         """Sorted global expert ids held by `worker`."""
@@ -225,7 +235,7 @@ class ParallelConfig:
 
     @property
     def rank_of_expert(self) -> tuple[int, ...]:
-        return tuple(w + 1 for w in self.worker_of_expert)
+        return tuple(w + self.num_coordinators for w in self.worker_of_expert)
 
     @property
     def local_index_of_expert(self) -> tuple[int, ...]:

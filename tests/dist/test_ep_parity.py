@@ -1,6 +1,7 @@
 """Expert parallelism without Ray: spawned gloo ranks run the attention rank and 1-4 expert ranks, and the
 logits at every prefill and decode position match transformers within 1e-4 (fp32), in one batch and with
-every step of two or more sequences split into two ping-pong micro-batches."""
+every step of two or more sequences split into two ping-pong micro-batches; and two coordinators sharing the
+expert ranks in lockstep, with different step counts (one prefills in chunks) and micro-batch counts."""
 
 from __future__ import annotations
 
@@ -15,42 +16,82 @@ from workers.comm import create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
 from workers.model.weights import load_dense_weights, load_expert_shard
+from workers.runtime.attention_rank import MicroBatching
 from workers.runtime.distributed_experts import DistributedExperts
 from workers.runtime.expert_rank import ExpertRank
-from workers.runtime.attention_rank import MicroBatching
 from workers.runtime.local_build import assemble_attention_rank
 
 CPU = torch.device("cpu")
 
 
 def _rank_main(
-    rank: int, world: int, port: int, model_dir: str, sequences, prompt_lens, max_bytes, micro_batches, errors
+    rank: int, world: int, port: int, model_dir: str, sequences, prompt_lens, max_bytes, micro_batches, coordinators,
+    errors,
 ) -> None:
+    """Coordinator c (rank < coordinators) runs sequences c, c + coordinators, ...; coordinator 1 prefills in
+    chunks of 5, so the coordinators' step counts differ and the one done first joins the other's steps."""
     try:
         torch.set_num_threads(1)
         cfg = ModelConfig.from_model_dir(model_dir)
-        parallel = ParallelConfig.contiguous(num_experts=cfg.num_local_experts, num_workers=world - 1,
-                                             collective_timeout_s=60, single_collective_max_bytes=max_bytes)
+        parallel = ParallelConfig.contiguous(num_experts=cfg.num_local_experts, num_workers=world - coordinators,
+                                             collective_timeout_s=60, single_collective_max_bytes=max_bytes,
+                                             num_coordinators=coordinators)
         reader = CheckpointReader(model_dir)
         handle = create_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                               timeout_s=60)
-        if rank == 0:
+        if rank < coordinators:
             experts = DistributedExperts(parallel, group=handle.group, device=CPU, top_k=cfg.num_experts_per_tok,
-                                         row_bytes=cfg.hidden_size * torch.float32.itemsize)
+                                         row_bytes=cfg.hidden_size * torch.float32.itemsize,
+                                         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size)
             dense = load_dense_weights(reader, cfg, dtype=torch.float32, device=CPU)
             attention = assemble_attention_rank(cfg, dense, experts, num_blocks=128, block_size=4,
                                                 micro_batching=MicroBatching(micro_batches=micro_batches, min_tokens=1))
-            logits = teacher_forced_logits(attention, sequences, prompt_lens)
+            mine = list(range(rank, len(sequences), coordinators))
+            logits = teacher_forced_logits(attention, [sequences[i] for i in mine], [prompt_lens[i] for i in mine],
+                                           prefill_chunk=5 if rank == 1 else None)
             experts.stop()
-            errors.put(("logits", [t.clone() for t in logits]))
+            errors.put(("logits", dict(zip(mine, [t.clone() for t in logits], strict=True))))
         else:
-            shard = load_expert_shard(reader, cfg, parallel.experts_of_worker(rank - 1), dtype=torch.float32,
-                                      device=CPU)
+            shard = load_expert_shard(reader, cfg, parallel.experts_of_worker(rank - coordinators),
+                                      dtype=torch.float32, device=CPU)
             ExpertRank(shard, group=handle.group, device=CPU, max_local_experts=parallel.max_local_experts,
-                       hidden_size=cfg.hidden_size).run()
+                       hidden_size=cfg.hidden_size, num_coordinators=coordinators).run()
         handle.destroy()
     except Exception:
         errors.put(("error", f"rank {rank}: {traceback.format_exc()}"))
+
+
+def _run_ranks(model_dir, num_workers: int, coordinators: int, max_bytes: int, micro_batches: int, seed: int):
+    """Every rank in its own process; returns the reference [(tokens, logits)] and each sequence's logits."""
+    hf = load_hf(model_dir)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 17, 11)]
+    reference = [hf_greedy(hf, p, 12) for p in prompts]
+    sequences = [p + toks for p, (toks, _) in zip(prompts, reference, strict=True)]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    world = coordinators + num_workers
+    port = free_port()
+    prompt_lens = [len(p) for p in prompts]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), sequences, prompt_lens, max_bytes,
+                                            micro_batches, coordinators, results))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    logits: dict[int, torch.Tensor] = {}
+    try:
+        for _ in range(coordinators):
+            kind, payload = results.get(timeout=200)
+            assert kind == "logits", payload
+            logits |= payload
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return reference, [logits[i] for i in range(len(reference))]
 
 
 @pytest.mark.timeout(240)
@@ -60,30 +101,17 @@ def _rank_main(
     "max_bytes", [1 << 20, 0], ids=["counts-with-rows", "split-sizes-first"]
 )  # tiny8 steps all fit 1 MiB: the first runs every step in one collective, the second never
 def test_expert_parallel_logits_match_transformers(tiny8, num_workers, max_bytes, micro_batches):
-    hf = load_hf(tiny8)
-    gen = torch.Generator().manual_seed(num_workers)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 17, 11)]
-    reference = [hf_greedy(hf, p, 12) for p in prompts]
-    sequences = [p + toks for p, (toks, _) in zip(prompts, reference, strict=True)]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    world = num_workers + 1
-    port = free_port()
-    prompt_lens = [len(p) for p in prompts]
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, str(tiny8), sequences, prompt_lens, max_bytes, micro_batches,
-                                            results))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        kind, payload = results.get(timeout=200)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert kind == "logits", payload
-    for (_, ref_logits), logits in zip(reference, payload, strict=True):
-        assert relative_error(logits, ref_logits) < 1e-4
+    reference, logits = _run_ranks(tiny8, num_workers, 1, max_bytes, micro_batches, seed=num_workers)
+    for (_, ref_logits), got in zip(reference, logits, strict=True):
+        assert relative_error(got, ref_logits) < 1e-4
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("micro_batches", [1, 2], ids=["one-batch", "ping-pong"])
+@pytest.mark.parametrize("num_workers", [1, 2, 4])
+def test_two_coordinators_share_the_expert_ranks_and_match_transformers(tiny8, num_workers, micro_batches):
+    """Coordinator 0 runs two sequences (two micro-batches with ping-pong), coordinator 1 one, prefilled in
+    chunks: their steps and micro-batch counts differ, and every worker receives rows from both."""
+    reference, logits = _run_ranks(tiny8, num_workers, 2, 1 << 20, micro_batches, seed=10 + num_workers)
+    for (_, ref_logits), got in zip(reference, logits, strict=True):
+        assert relative_error(got, ref_logits) < 1e-4

@@ -30,7 +30,7 @@ from workers.model.reference_moe import reference_moe
 from workers.model.router import route
 from workers.model.weights import ExpertShard
 from workers.runtime.expert_rank import ExpertRank
-from workers.runtime.step_header import Command, StepHeader, broadcast_header
+from workers.runtime.step_header import Command, StepHeader, exchange_headers
 
 
 def _scenarios(world_size: int) -> list[Scenario]:
@@ -139,7 +139,7 @@ def _drive_steps(group: dist.ProcessGroup, parallel: ParallelConfig, layers: lis
     gen = torch.Generator().manual_seed(7)
     for capacity in HEADER_CAPACITIES:
         header = StepHeader(command=Command.STEP, num_tokens=TOKENS, capacities=(capacity,))
-        broadcast_header(header, group=group, device=CPU)
+        exchange_headers(header, group=group, device=CPU, num_coordinators=1)
         for layer, experts in enumerate(layers):
             x_TD = torch.randn(TOKENS, WIDTH, generator=gen)
             weights_TK, ids_TK = route(x_TD, torch.randn(EXPERTS, WIDTH, generator=gen), TOP_K)
@@ -152,7 +152,7 @@ def _drive_steps(group: dist.ProcessGroup, parallel: ParallelConfig, layers: lis
             y_TD = weight_and_sum(combine(x_TD.new_empty(0, WIDTH), plan, group=group), weights_TK)
             torch.testing.assert_close(y_TD, reference_moe(x_TD, weights_TK, ids_TK, experts), rtol=1e-5, atol=1e-5,
                                        msg=lambda m, c=capacity, la=layer: f"capacity {c}, layer {la}: {m}")
-    broadcast_header(StepHeader(command=Command.STOP), group=group, device=CPU)
+    exchange_headers(StepHeader(command=Command.STOP), group=group, device=CPU, num_coordinators=1)
 
 
 def _header_main(rank: int, world_size: int, port: int) -> None:

@@ -37,7 +37,13 @@ class PendingOutput(Protocol):
 class MoEBackend(Protocol):
     overlaps: bool  # start_moe returns before the experts ran: micro-batches can overlap them
 
-    def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> None: ...
+    def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> int:
+        """Returns the step's micro-batch count: more than asked when a peer coordinator asked for more."""
+        ...
+
+    def start_empty(self, layer: int, micro_batch: int) -> PendingOutput:
+        """A micro-batch with no tokens (a peer coordinator's step has more micro-batches than this one's)."""
+        ...
 
     def start_moe(
         self, layer: int, micro_batch: int, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
@@ -65,8 +71,11 @@ class LocalExperts:
         assert shard.expert_ids == expected, f"local experts must be all experts, got {shard.expert_ids}"
         self.shard = shard
 
-    def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> None:
-        pass
+    def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> int:
+        return len(micro_batch_tokens)
+
+    def start_empty(self, layer: int, micro_batch: int) -> DoneMoE:
+        raise AssertionError("in-process experts never run a peer's micro-batch")
 
     def start_moe(
         self, layer: int, micro_batch: int, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
@@ -155,10 +164,17 @@ class AttentionRank:
                 h_tD = self.model.embed(token_ids_T[first : first + num_tokens].to(self.model.device))
             batches.append(_MicroBatch(meta, rope, h_tD))
             first += num_tokens
-        self.experts.begin_step(tuple(b.h_tD.shape[0] for b in batches))
+        micro_batches = self.experts.begin_step(tuple(b.h_tD.shape[0] for b in batches))
+        empty: dict[int, PendingOutput] = {}  # micro-batches a peer coordinator's step has and this one lacks
         for layer in range(self.model.cfg.num_hidden_layers):
             kv = (self.pool.k_LBSHd[layer], self.pool.v_LBSHd[layer])
-            for index, batch in enumerate(batches):  # the order the expert ranks serve them in
+            for index in range(micro_batches):  # the order the expert ranks serve them in
+                if index >= len(batches):
+                    if index in empty:
+                        empty[index].wait(timings)
+                    empty[index] = self.experts.start_empty(layer, index)
+                    continue
+                batch = batches[index]
                 batch.add_moe_output(timings)
                 with timings.phase("attention"):
                     batch.h_tD = self.model.attention_block(layer, batch.h_tD, batch.meta, batch.rope, kv)
@@ -169,6 +185,8 @@ class AttentionRank:
                 batch.moe = self.experts.start_moe(layer, index, x_tD, weights_tK, ids_tK, timings)
         for batch in batches:
             batch.add_moe_output(timings)
+        for pending in empty.values():
+            pending.wait(timings)
         _mark_cached(chunks)
         return batches[0].h_tD if len(batches) == 1 else torch.cat([b.h_tD for b in batches])
 

@@ -1,11 +1,14 @@
 """The attention rank's MoE backend when experts live on other ranks: dispatch → (remote experts) → combine.
 
 The attention rank holds no expert; it sends each (token, expert) row to the expert's rank and weights
-the returned rows by the router. It alone decides, once per step in `begin_step`, how many micro-batches
-each layer's rows come in and, per micro-batch, whether they go with their counts in one collective (small
-ones, and every one with one expert worker) or after a split-size exchange, and tells the expert ranks in
-the step header. `start_moe` issues a micro-batch's dispatch and combine without waiting
-(workers.comm.overlap), so the attention rank can compute the next micro-batch while the experts work.
+the returned rows by the router. Once per step, in `begin_step`, it says in its step header how many
+micro-batches its rows come in and, per micro-batch, whether they go with their counts in one collective
+(small ones, and every one with one expert worker) or after a split-size exchange. With several
+coordinators (ParallelConfig.num_coordinators) every coordinator's header is exchanged and all of them run
+the step's collectives in lockstep: the most micro-batches any of them asked for, split sizes first, and a
+coordinator with nothing (or less) to send joins with empty micro-batches (`keepalive`, `stop`).
+`start_moe` issues a micro-batch's dispatch and combine without waiting (workers.comm.overlap), so the
+attention rank can compute the next micro-batch while the experts work.
 Shapes: T tokens, K top-k, N = T*K rows, D model dim.
 """
 
@@ -19,7 +22,7 @@ import torch.distributed as dist
 from workers.comm import PendingRows, fixed_capacity_rows, send_from_source
 from workers.config import ParallelConfig
 from workers.model.experts import weight_and_sum
-from workers.runtime.step_header import Command, StepHeader, broadcast_header
+from workers.runtime.step_header import Command, StepHeader, StepPlan, exchange_headers
 from workers.runtime.timing import StepTimings
 
 
@@ -33,41 +36,76 @@ class PendingMoE:
     def wait(self, timings: StepTimings) -> torch.Tensor:
         """The weighted expert output [T, D]; the wait is timed as `combine` (experts and transfer not hidden)."""
         with timings.phase("combine"):
-            return weight_and_sum(self.rows.wait(), self.weights_TK)
+            y_ND = self.rows.wait()
+            if not len(self.weights_TK):  # an empty micro-batch (see start_empty)
+                return y_ND
+            return weight_and_sum(y_ND, self.weights_TK)
 
 
 class DistributedExperts:
     overlaps = True  # start_moe returns before the experts have run
 
     def __init__(
-        self, parallel: ParallelConfig, *, group: dist.ProcessGroup, device: torch.device, top_k: int, row_bytes: int
+        self, parallel: ParallelConfig, *, group: dist.ProcessGroup, device: torch.device, top_k: int, row_bytes: int,
+        num_layers: int = 0, hidden_size: int = 0, dtype: torch.dtype = torch.float32,
     ) -> None:
-        """top_k: experts per token; row_bytes: bytes of one routed row (hidden size x dtype size)."""
+        """top_k: experts per token; row_bytes: bytes of one routed row (hidden size x dtype size);
+        num_layers, hidden_size, dtype: the shape of an empty step, which a coordinator with nothing to send
+        runs when its peers step (needed only with several coordinators)."""
         self.parallel = parallel
+        self.num_layers, self.hidden_size, self.dtype = num_layers, hidden_size, dtype
         self.group = group
         self.device = device
         self.top_k = top_k
         self.row_bytes = row_bytes
         self.rank_of_expert_E = torch.tensor(parallel.rank_of_expert, dtype=torch.int64, device=device)
         self.local_index_E = torch.tensor(parallel.local_index_of_expert, dtype=torch.int64, device=device)
-        self.receivers = tuple(range(1, parallel.world_size))
-        self.capacities: tuple[int, ...] = ()  # this step's, one per micro-batch, as sent in its header
+        self.receivers = parallel.worker_ranks
+        self.capacities: tuple[int, ...] = ()  # this step's, one per micro-batch of the step's plan
 
-    def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> None:
-        self.capacities = tuple(
+    def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> int:
+        """Sends this step's header; returns the step's micro-batch count, which with several coordinators
+        may exceed len(micro_batch_tokens): the caller then starts empty micro-batches (`start_empty`)."""
+        max_padded = self.parallel.single_collective_max_bytes if self.parallel.num_coordinators == 1 else 0
+        capacities = tuple(
             fixed_capacity_rows(num_tokens=tokens, top_k=self.top_k, row_bytes=self.row_bytes,
-                                num_receivers=len(self.receivers),
-                                max_padded_bytes=self.parallel.single_collective_max_bytes)
+                                num_receivers=len(self.receivers), max_padded_bytes=max_padded)
             for tokens in micro_batch_tokens
         )
-        header = StepHeader(command=Command.STEP, num_tokens=sum(micro_batch_tokens), capacities=self.capacities)
-        broadcast_header(header, group=self.group, device=self.device)
+        plan = self._exchange(StepHeader(command=Command.STEP, num_tokens=sum(micro_batch_tokens),
+                                         capacities=capacities))
+        self.capacities = tuple(plan.capacity(i) for i in range(plan.micro_batches))
+        return plan.micro_batches
 
     def keepalive(self) -> None:
-        broadcast_header(StepHeader(command=Command.KEEPALIVE), group=self.group, device=self.device)
+        """Idle: keeps the group inside its collective timeout, and joins any step a peer coordinator runs."""
+        plan = self._exchange(StepHeader(command=Command.KEEPALIVE))
+        if plan.command is Command.STEP:
+            self._empty_step(plan)
 
     def stop(self) -> None:
-        broadcast_header(StepHeader(command=Command.STOP), group=self.group, device=self.device)
+        """Tells the expert ranks to stop once every coordinator has (joining its peers' steps until then)."""
+        while (plan := self._exchange(StepHeader(command=Command.STOP))).command is not Command.STOP:
+            if plan.command is Command.STEP:
+                self._empty_step(plan)
+
+    def _exchange(self, header: StepHeader) -> StepPlan:
+        return exchange_headers(header, group=self.group, device=self.device,
+                                num_coordinators=self.parallel.num_coordinators)
+
+    def _empty_step(self, plan: StepPlan) -> None:
+        """A step of this coordinator's with no tokens: every layer's collectives of every micro-batch."""
+        self.capacities = tuple(plan.capacity(i) for i in range(plan.micro_batches))
+        for layer in range(self.num_layers):
+            for micro_batch in range(plan.micro_batches):
+                self.start_empty(layer, micro_batch).rows.wait()
+
+    def start_empty(self, layer: int, micro_batch: int) -> PendingMoE:
+        """Micro-batch `micro_batch` of `layer` with no rows from this coordinator."""
+        nothing_TD = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        no_ids_TK = torch.empty(0, self.top_k, dtype=torch.int64, device=self.device)
+        return self.start_moe(layer, micro_batch, nothing_TD, nothing_TD.new_empty(0, self.top_k), no_ids_TK,
+                              StepTimings.for_device(self.device))
 
     def start_moe(
         self, layer: int, micro_batch: int, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,

@@ -2,10 +2,11 @@
 experts (one matmul pair per expert over all its rows, which arrive grouped by expert: only the attention
 rank sends), and send the rows back.
 
-Driven entirely by the collectives of the attention rank; knows nothing of requests or tokens. Rows
-arrive the way the attention rank chose to send them, which the step header says: per layer in one or more
+Driven entirely by the collectives of the attention ranks; knows nothing of requests or tokens. Rows
+arrive the way the attention ranks chose to send them, which the step plan says: per layer in one or more
 micro-batches (ping-pong), each with its counts in one collective sized for its capacity, or after a
-split-size exchange when that is 0.
+split-size exchange when that is 0 (always with several coordinators, whose rows arrive by source and are
+regrouped by expert here).
 Shapes: M rows received, D model dim, e local experts.
 """
 
@@ -16,38 +17,40 @@ import torch.distributed as dist
 
 from workers.comm import combine, counts_if_grouped, dispatch_step
 from workers.comm.errors import DispatchError
+from workers.comm.plan import unpermute
 from workers.model.experts import run_grouped_experts
 from workers.model.weights import ExpertShard
-from workers.runtime.step_header import Command, broadcast_header
+from workers.runtime.step_header import Command, exchange_headers
 from workers.runtime.timing import StepTimings
 
 
 class ExpertRank:
     def __init__(
         self, shard: ExpertShard, *, group: dist.ProcessGroup, device: torch.device, max_local_experts: int,
-        hidden_size: int,
+        hidden_size: int, num_coordinators: int = 1,
     ) -> None:
         self.shard = shard
         self.group = group
         self.device = device
         self.max_local_experts = max_local_experts
         self.hidden_size = hidden_size
-        self.receivers = tuple(range(1, dist.get_world_size(group)))
+        self.num_coordinators = num_coordinators
+        self.receivers = tuple(range(num_coordinators, dist.get_world_size(group)))
         self.dtype = shard.layers[0].dtype
         self.timings = StepTimings.for_device(device)
         self.steps = 0
         self.rows_per_local_expert = torch.zeros(len(shard.layers), len(shard.expert_ids), dtype=torch.int64)
 
     def run(self) -> None:
-        """Serve steps until the attention rank broadcasts STOP; a failed collective raises CollectiveError."""
+        """Serve steps until every attention rank says STOP; a failed collective raises CollectiveError."""
         while True:
-            header = broadcast_header(None, group=self.group, device=self.device)
-            if header.command is Command.STOP:
+            plan = exchange_headers(None, group=self.group, device=self.device, num_coordinators=self.num_coordinators)
+            if plan.command is Command.STOP:
                 return
-            if header.command is Command.STEP:
+            if plan.command is Command.STEP:
                 for layer in range(len(self.shard.layers)):
-                    for capacity in header.capacities:  # one per micro-batch, in the order they are sent
-                        self._layer(layer, capacity)
+                    for micro_batch in range(plan.micro_batches):  # in the order the coordinators send them
+                        self._layer(layer, plan.capacity(micro_batch))
                 self.steps += 1
 
     def _layer(self, layer: int, capacity: int) -> None:
@@ -61,9 +64,17 @@ class ExpertRank:
         with self.timings.phase("experts"):
             num_local = len(self.shard.expert_ids)
             counts_e = counts_if_grouped(plan, num_local_experts=num_local)
-            if counts_e is None:
-                raise DispatchError(f"rows came from ranks {plan.output_splits}; only the attention rank sends")
+            if counts_e is not None:  # one sender: the rows arrive grouped by expert
+                y_MD = run_grouped_experts(recv_x_MD, counts_e, self.shard.layers[layer])
+            else:  # several coordinators: by source, then by expert; regroup, run, put back
+                counts_RE = plan.recv_counts_RE  # [R, e_max]
+                if counts_RE[:, num_local:].any():
+                    raise DispatchError(f"rows for local experts beyond this rank's {num_local}: {counts_RE.tolist()}")
+                expert_M = torch.arange(counts_RE.shape[1], device=self.device).repeat(counts_RE.shape[0])
+                expert_M = expert_M.repeat_interleave(counts_RE.reshape(-1))  # [M]: each row's local expert
+                order_M = torch.argsort(expert_M, stable=True)
+                counts_e = counts_RE.sum(0)[:num_local].tolist()
+                y_MD = unpermute(run_grouped_experts(recv_x_MD[order_M], counts_e, self.shard.layers[layer]), order_M)
             self.rows_per_local_expert[layer] += torch.tensor(counts_e)
-            y_MD = run_grouped_experts(recv_x_MD, counts_e, self.shard.layers[layer])  # rows grouped on arrival
         with self.timings.phase("combine"):
             combine(y_MD, plan, group=self.group)

@@ -46,18 +46,56 @@ class StepHeader:
 MAX_MICRO_BATCHES = 4
 
 
-def broadcast_header(header: StepHeader | None, *, group: dist.ProcessGroup, device: torch.device) -> StepHeader:
-    """Rank 0 passes its header; every other rank passes None and receives it."""
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank learns from one header exchange: each coordinator's header, in rank order."""
+
+    headers: tuple[StepHeader, ...]
+
+    @property
+    def command(self) -> Command:
+        """STEP while any coordinator steps; STOP once every coordinator stops (one that stopped early joins
+        its peers' steps with nothing to send); otherwise KEEPALIVE."""
+        commands = {h.command for h in self.headers}
+        if Command.STEP in commands:
+            return Command.STEP
+        return Command.STOP if commands == {Command.STOP} else Command.KEEPALIVE
+
+    @property
+    def micro_batches(self) -> int:
+        return max((len(h.capacities) for h in self.headers if h.command is Command.STEP), default=0)
+
+    def capacity(self, micro_batch: int) -> int:
+        """The micro-batch's single-collective capacity: the one coordinator's; 0 (split sizes first) with
+        several, whose rows no fixed slot layout describes."""
+        if len(self.headers) > 1:
+            return 0
+        capacities = self.headers[0].capacities
+        return capacities[micro_batch] if micro_batch < len(capacities) else 0
+
+
+def exchange_headers(
+    header: StepHeader | None, *, group: dist.ProcessGroup, device: torch.device, num_coordinators: int
+) -> StepPlan:
+    """Every rank calls it once per step or keepalive: coordinators pass their header, expert ranks None.
+    One all-gather; every rank returns the same plan."""
     width = 3 + MAX_MICRO_BATCHES  # [command, num_tokens, micro-batches, capacity of each (0-padded)]
     if header is None:
         sent = [-1] * width
     else:
         capacities = list(header.capacities) + [0] * (MAX_MICRO_BATCHES - len(header.capacities))
         sent = [int(header.command), header.num_tokens, len(header.capacities), *capacities]
-    wire = torch.tensor(sent, dtype=torch.int64, device=device)  # [3 + MAX_MICRO_BATCHES]
+    mine = torch.tensor(sent, dtype=torch.int64, device=device)  # [3 + MAX_MICRO_BATCHES]
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     try:
-        dist.broadcast(wire, src=0, group=group)
+        dist.all_gather(everyone, mine, group=group)
     except RuntimeError as exc:
-        raise CollectiveError(f"step header broadcast failed on rank {dist.get_rank(group)}: {exc}") from exc
-    command, num_tokens, micro_batches, *capacities = wire.tolist()
-    return StepHeader(command=Command(command), num_tokens=num_tokens, capacities=tuple(capacities[:micro_batches]))
+        raise CollectiveError(f"step header exchange failed on rank {dist.get_rank(group)}: {exc}") from exc
+    headers = []
+    for wire in everyone[:num_coordinators]:
+        command, num_tokens, micro_batches, *capacities = wire.tolist()
+        if command < 0:
+            raise CollectiveError(f"a coordinator rank sent no header (group of {num_coordinators} coordinators?)")
+        headers.append(StepHeader(command=Command(command), num_tokens=num_tokens,
+                                  capacities=tuple(capacities[:micro_batches])))
+    return StepPlan(tuple(headers))
