@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/mixserve.proto\x12\x0bmixserve.v1\"\xff\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mixserve.v1.SamplingParams\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.mixserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xba\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.mixserve.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.mixserve.v1.Timings\"\xc0\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.mixserve.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.mixserve.v1.Timings\"\x15\n\x13GetModelInfoRequest\"\xd5\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x07 \x01(\r\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12\x16\n\x0esliding_window\x18\t \x01(\r\x12\x1a\n\x12num_expert_workers\x18\n \x01(\r\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\r \x01(\r\x12\x15\n\rhas_tokenizer\x18\x0e \x01(\x08\x12\x19\n\x11has_chat_template\x18\x0f \x01(\x08\x32\xf4\x01\n\x08MixServe\x12G\n\x08Generate\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1d.mixserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.mixserve.v1.GenerateRequest\x1a#.mixserve.v1.GenerateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .mixserve.v1.GetModelInfoRequest\x1a\x16.mixserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/mixserve.proto\x12\x0bmixserve.v1\"\xff\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mixserve.v1.SamplingParams\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.mixserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\t\n\x07_promptB\x18\n\x16_add_generation_prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xba\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.mixserve.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.mixserve.v1.Timings\"\xc0\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.mixserve.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.mixserve.v1.Timings\"\x15\n\x13GetModelInfoRequest\"\xd5\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x07 \x01(\r\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12\x16\n\x0esliding_window\x18\t \x01(\r\x12\x1a\n\x12num_expert_workers\x18\n \x01(\r\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\r \x01(\r\x12\x15\n\rhas_tokenizer\x18\x0e \x01(\x08\x12\x19\n\x11has_chat_template\x18\x0f \x01(\x08\x32\xf4\x01\n\x08MixServe\x12G\n\x08Generate\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1d.mixserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.mixserve.v1.GenerateRequest\x1a#.mixserve.v1.GenerateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .mixserve.v1.GetModelInfoRequest\x1a\x16.mixserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=296
   _globals['_CHATMESSAGE']._serialized_end=340
   _globals['_GENERATEREQUEST']._serialized_start=343
-  _globals['_GENERATEREQUEST']._serialized_end=575
-  _globals['_USAGE']._serialized_start=577
-  _globals['_USAGE']._serialized_end=656
-  _globals['_TIMINGS']._serialized_start=658
-  _globals['_TIMINGS']._serialized_end=750
-  _globals['_GENERATERESPONSE']._serialized_start=753
-  _globals['_GENERATERESPONSE']._serialized_end=939
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=942
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1134
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1136
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1157
-  _globals['_MODELINFO']._serialized_start=1160
-  _globals['_MODELINFO']._serialized_end=1501
-  _globals['_MIXSERVE']._serialized_start=1504
-  _globals['_MIXSERVE']._serialized_end=1748
+  _globals['_GENERATEREQUEST']._serialized_end=591
+  _globals['_USAGE']._serialized_start=593
+  _globals['_USAGE']._serialized_end=672
+  _globals['_TIMINGS']._serialized_start=674
+  _globals['_TIMINGS']._serialized_end=766
+  _globals['_GENERATERESPONSE']._serialized_start=769
+  _globals['_GENERATERESPONSE']._serialized_end=955
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=958
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1150
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1152
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1173
+  _globals['_MODELINFO']._serialized_start=1176
+  _globals['_MODELINFO']._serialized_end=1517
+  _globals['_MIXSERVE']._serialized_start=1520
+  _globals['_MIXSERVE']._serialized_end=1764
 # @@protoc_insertion_point(module_scope)

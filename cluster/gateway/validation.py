@@ -46,9 +46,16 @@ def validate_request(
         raise InvalidRequest("request_id", f"is longer than {limits.max_request_id_chars} characters")
     prompt_ids = _prompt_ids(request, cfg, tokenizer, limits)
     s = request.sampling
-    max_new = s.max_new_tokens if s.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-    if not 1 <= max_new <= limits.max_new_tokens:
-        raise InvalidRequest("sampling.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
+    context = cfg.max_position_embeddings
+    if s.HasField("max_new_tokens"):
+        max_new = s.max_new_tokens
+        if not 1 <= max_new <= limits.max_new_tokens:
+            raise InvalidRequest("sampling.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
+        if len(prompt_ids) + max_new > context:  # as vLLM does: never a silently shorter answer
+            raise InvalidRequest("sampling.max_new_tokens", f"the prompt's {len(prompt_ids)} tokens plus {max_new} new "
+                                 f"tokens exceed the model's context of {context} tokens")
+    else:  # the default shrinks to what the context has room for
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens, context - len(prompt_ids))
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not (math.isfinite(temperature) and temperature >= 0):
         raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
@@ -77,6 +84,8 @@ def validate_request(
 def _prompt_ids(
     request: pb.GenerateRequest, cfg: ModelConfig, tokenizer: TextTokenizer | None, limits: RequestLimits
 ) -> tuple[int, ...]:
+    if request.HasField("prompt") and not (request.prompt or request.prompt_token_ids or request.messages):
+        raise InvalidRequest("prompt", "is empty")
     given = [name for name, present in (("prompt", bool(request.prompt)),
                                         ("prompt_token_ids", bool(request.prompt_token_ids)),
                                         ("messages", bool(request.messages))) if present]

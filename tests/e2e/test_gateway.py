@@ -75,6 +75,14 @@ def test_text_prompt_round_trips_through_the_tokenizer(server, served_model):
     assert response.usage.prompt_tokens == len(tokenizer.encode(prompt))
 
 
+def test_the_default_max_new_tokens_shrinks_to_the_room_left_in_the_context(server):
+    """A 250-token prompt in a context of 256 leaves room for 6 tokens, fewer than the default 16; asked
+    for explicitly, 7 would be refused (test_invalid_fields_are_named_and_the_server_keeps_serving)."""
+    response = server.stub.Generate(pb.GenerateRequest(
+        prompt_token_ids=[1] * 250, sampling=pb.SamplingParams(temperature=0.0, ignore_eos=True)), timeout=60)
+    assert (response.usage.completion_tokens, response.finish_reason) == (6, "length")
+
+
 def test_chat_messages_go_through_the_models_chat_template(server, served_model):
     cfg = ModelConfig.from_model_dir(served_model)
     tokenizer = TextTokenizer.from_model_dir(served_model, cfg.bos_token_id)
@@ -167,6 +175,7 @@ def test_cancelled_stream_and_expired_deadline_free_the_cache(server):
     [
         (pb.GenerateRequest(), "prompt"),
         (pb.GenerateRequest(prompt="hi", prompt_token_ids=[1]), "prompt"),
+        (pb.GenerateRequest(prompt=""), "prompt: is empty"),
         (pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "prompt"),
         (pb.GenerateRequest(prompt_token_ids=[1] * 300), "prompt_token_ids"),
         (pb.GenerateRequest(prompt_token_ids=[1, 999]), "prompt_token_ids"),
@@ -175,6 +184,8 @@ def test_cancelled_stream_and_expired_deadline_free_the_cache(server):
          "sampling.max_new_tokens"),
         (pb.GenerateRequest(prompt_token_ids=[1], sampling=pb.SamplingParams(max_new_tokens=100000)),
          "sampling.max_new_tokens"),
+        (pb.GenerateRequest(prompt_token_ids=[1] * 200, sampling=pb.SamplingParams(max_new_tokens=100)),
+         "sampling.max_new_tokens"),  # 300 tokens in a context of 256
         (pb.GenerateRequest(prompt_token_ids=[1], sampling=pb.SamplingParams(temperature=-0.5)),
          "sampling.temperature"),
         (pb.GenerateRequest(prompt_token_ids=[1], sampling=pb.SamplingParams(top_p=0.0)), "sampling.top_p"),

@@ -192,6 +192,10 @@ def _invalid_field(request: pb.GenerateRequest, cfg: ModelConfig, tokenizer: Tex
     bad = next((name for name, ok in checks.items() if not ok), None)
     if bad is None and request.prompt and len(tokenizer.encode(request.prompt)) >= cfg.max_position_embeddings:
         bad = "prompt tokens"
+    if bad is None and s.HasField("max_new_tokens"):  # an explicit max_new_tokens must fit the context
+        num_prompt = len(request.prompt_token_ids) or len(tokenizer.encode(request.prompt))
+        if num_prompt + s.max_new_tokens > cfg.max_position_embeddings:
+            bad = "context"
     return bad
 
 
