@@ -85,9 +85,11 @@ def _add_serve_security_args(parser: argparse.ArgumentParser) -> None:
                        help="PEM CA bundle; clients must present a certificate it signed (mTLS)")
     group.add_argument("--api-keys-file", type=Path, default=None,
                        help="one key per line ('#' comments, blank lines ignored); every MixServe RPC then needs "
-                            "metadata 'authorization: Bearer <key>'; health and reflection stay open")
+                            "metadata 'authorization: Bearer <key>', every /v1 HTTP request the header "
+                            "'Authorization: Bearer <key>'; health and reflection stay open")
     group.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                       help="largest gRPC request accepted (larger gets RESOURCE_EXHAUSTED)")
+                       help="largest gRPC request (larger gets RESOURCE_EXHAUSTED) or HTTP body (larger gets 413) "
+                            "accepted")
     group.add_argument("--max-prompt-chars", type=int, default=RequestLimits().max_prompt_chars,
                        help="longest text prompt accepted (longer gets INVALID_ARGUMENT)")
     group.add_argument("--health-port", type=int, default=None,
@@ -107,7 +109,11 @@ def _add_client_security_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixserve", description=__doc__, formatter_class=DEFAULTS)
+    parser = argparse.ArgumentParser(
+        prog="mixserve", formatter_class=DEFAULTS,
+        description="Serve Mixtral-family mixture-of-experts models with expert parallelism on Ray: gRPC and the "
+                    "OpenAI HTTP API, Prometheus metrics, requests that survive a dead rank. Start with "
+                    "`mixserve serve` (the embedded default model) and `mixserve client`.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="offline generation with an in-process engine", formatter_class=DEFAULTS)
     _add_engine_args(gen)
@@ -117,11 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--token-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
-    srv = sub.add_parser("serve", help="serve the gRPC API (gateway + Ray coordinator and expert workers)",
+    srv = sub.add_parser("serve", help="serve the gRPC and OpenAI-compatible HTTP APIs (gateway + Ray coordinator and "
+                                       "expert workers)",
                          formatter_class=DEFAULTS)
     _add_engine_args(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="gRPC bind address (0.0.0.0 for all interfaces)")
-    srv.add_argument("--port", type=int, default=50051)
+    srv.add_argument("--host", default="127.0.0.1", help="gRPC and HTTP bind address (0.0.0.0 for all interfaces)")
+    srv.add_argument("--port", type=int, default=50051, help="gRPC port")
+    srv.add_argument("--http-port", type=int, default=8000,
+                     help="OpenAI-compatible HTTP API port (/v1/models, /v1/completions, /v1/chat/completions); "
+                          "0 picks a free port")
+    srv.add_argument("--no-http", action="store_true", help="serve gRPC only: no HTTP API")
     srv.add_argument("--metrics-host", default="127.0.0.1",
                      help="metrics bind address (0.0.0.0 in Kubernetes, so Prometheus can scrape the pod IP)")
     srv.add_argument("--metrics-port", type=int, default=9400)
@@ -231,6 +242,7 @@ def run_serve(args: argparse.Namespace) -> int:
                              metrics_port=args.metrics_port, grace_s=args.grace,
                              replay_timeout_s=args.replay_timeout, security=security,
                              health_port=args.health_port, chat_template=args.chat_template,
+                             http_port=None if args.no_http else args.http_port,
                              limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit,
                                                   max_prompt_chars=args.max_prompt_chars))
     load_security(security)  # fail on a bad file now, not after the cluster has started; the gateway reloads once

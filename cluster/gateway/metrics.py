@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway, in their own registry (no global state), served on their own port.
 
-Label values are bounded: finish reasons, gRPC status names, phases, layer and expert indices, worker
-indices. Never request ids.
+Label values are bounded: the API (grpc, http), finish reasons, gRPC status names, phases, layer and expert
+indices, worker indices. Never request ids.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ class GatewayMetrics:
         self.worker_of_expert = worker_of_expert
         self.expert_workers = num_workers
         r = self.registry
-        self.requests = Counter("mixserve_requests", "Finished requests by finish reason and gRPC status code",
-                                ["finish_reason", "code"], registry=r)
+        self.requests = Counter("mixserve_requests", "Finished requests by API (grpc, http), finish reason and gRPC "
+                                "status name (an HTTP error counts as the status it maps to)",
+                                ["api", "finish_reason", "code"], registry=r)
         self.prompt_tokens = Counter("mixserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("mixserve_generation_tokens", "Generated tokens of finished requests",
                                          registry=r)
@@ -96,8 +97,13 @@ class GatewayMetrics:
             for worker, count in per_worker.items():
                 self.worker_tokens.labels(worker=str(worker)).inc(count)
 
-    def observe_finished(self, *, finish_reason: str, code: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.requests.labels(finish_reason=finish_reason, code=code).inc()
+    def count_request(self, *, finish_reason: str, code: str, api: str = "grpc") -> None:
+        """One finished or rejected request; `api` is "grpc" or "http"."""
+        self.requests.labels(api=api, finish_reason=finish_reason, code=code).inc()
+
+    def observe_finished(self, *, finish_reason: str, code: str, prompt_tokens: int, completion_tokens: int,
+                         api: str = "grpc") -> None:
+        self.count_request(finish_reason=finish_reason, code=code, api=api)
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
 

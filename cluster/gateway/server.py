@@ -1,11 +1,12 @@
-"""Builds and runs the gateway: the MixServe service, grpc.health.v1, reflection, and /metrics.
+"""Builds and runs the gateway: the MixServe service, grpc.health.v1, reflection, the OpenAI-compatible HTTP
+API (cluster/gateway/http_api.py, on its own port when `http_port` is set), and /metrics.
 
 Security (TLS / mTLS, API keys, the receive limit) is configured by `SecurityOptions` and lives in
 cluster/gateway/security.py. The metrics port binds 127.0.0.1 unless told otherwise (0.0.0.0 in Kubernetes,
 where Prometheus scrapes the pod IP); it serves only aggregate metrics with bounded labels.
 
 Lifecycle: start() binds the ports; wait() serves until SIGTERM/SIGINT, then health goes NOT_SERVING,
-in-flight streams get a grace period to finish, and the server stops.
+in-flight gRPC streams and HTTP responses get a grace period to finish, and the servers stop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from prometheus_client import start_http_server
 
 from cluster.gateway.engine_client import EngineClient
 from cluster.gateway.handlers import add_mixserve_servicer
+from cluster.gateway.http_api import OpenAIApp
+from cluster.gateway.http_server import HttpServer
 from cluster.gateway.metrics import GatewayMetrics
 from cluster.gateway.reflection import enable_reflection
 from cluster.gateway.security import ApiKeyInterceptor, SecurityMaterial, SecurityOptions, load_security
@@ -48,6 +51,7 @@ class GatewayOptions:
     # A plaintext port serving grpc.health.v1 only, for Kubernetes gRPC probes (they cannot speak TLS).
     health_port: int | None = None
     chat_template: Path | None = None  # --chat-template; None: the checkpoint's (cluster.chat_template)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on `host`; None: off, 0: any free port
 
     def __post_init__(self) -> None:
         if self.limits.max_prompt_chars > self.security.max_message_bytes:
@@ -57,6 +61,8 @@ class GatewayOptions:
             )
         if self.health_port and self.health_port in (self.port, self.metrics_port):
             raise ValueError(f"health_port ({self.health_port}) must differ from port and metrics_port")
+        if self.http_port and self.http_port in (self.port, self.metrics_port, self.health_port):
+            raise ValueError(f"http_port ({self.http_port}) must differ from port, metrics_port and health_port")
 
 
 class Gateway:
@@ -74,8 +80,10 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
+        self.http_server: HttpServer | None = None
         self.port = 0
         self.health_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._metrics_server = None
         self._stopped = asyncio.Event()
@@ -96,6 +104,8 @@ class Gateway:
         security = self.options.security
         material = load_security(security)  # before binding anything: a bad file fails the start cleanly
         self.server = self._build_server(material)
+        if self.options.http_port is not None:
+            self.http_server = self._build_http_server(material)
         if self.options.health_port is not None:
             self.health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
@@ -110,8 +120,14 @@ class Gateway:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http_server is not None:
+            await self.http_server.start()
+            self.http_port = self.http_server.port
         log.info("gateway serving on %s:%d (%s), metrics on %s:%d", self.options.host, self.port,
                  security.describe(), self.options.metrics_host, self.metrics_port)
+        if self.http_server is not None:
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (model '%s')", "https" if security.tls else "http",
+                     self.options.host, self.http_port, self.model_info().model)
         if self.options.host not in ("127.0.0.1", "::1", "localhost") and not (security.tls or material.key_digests):
             log.warning("gateway listens on %s in plaintext without API keys: anyone who reaches the port can "
                         "use the model (see --tls-cert and --api-keys-file)", self.options.host)
@@ -133,6 +149,14 @@ class Gateway:
             self.port = server.add_secure_port(address, material.credentials)
         return server
 
+    def _build_http_server(self, material: SecurityMaterial) -> HttpServer:
+        """The OpenAI-compatible API: the same engine client, validation, limits, API keys and TLS files."""
+        api = OpenAIApp(client=self.client, cfg=self.engine.cfg, tokenizer=self.tokenizer, limits=self.options.limits,
+                        model_id=self.model_info().model, key_digests=material.key_digests,
+                        max_body_bytes=self.options.security.max_message_bytes)
+        return HttpServer(api.app, host=self.options.host, port=self.options.http_port, grace_s=self.options.grace_s,
+                          security=self.options.security)
+
     async def _set_health(self, healthy: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
@@ -149,7 +173,10 @@ class Gateway:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.options.grace_s)
+        drains = [self.server.stop(self.options.grace_s)]
+        if self.http_server is not None:
+            drains.append(self.http_server.stop())
+        await asyncio.gather(*drains)
         if self.health_server is not None:  # probes saw NOT_SERVING during the drain
             await self.health_server.stop(0)
         await self.client.stop()

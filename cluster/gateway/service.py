@@ -157,15 +157,15 @@ class MixServeServicer(pb_grpc.MixServeServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: RequestTrace
     ) -> ValidatedRequest:
         if isinstance(request, Undecodable):
-            self.metrics.requests.labels(finish_reason="error", code="INVALID_ARGUMENT").inc()
+            self.metrics.count_request(finish_reason="error", code="INVALID_ARGUMENT")
         await _reject_undecodable(request, context)
         try:  # tokenizing a long prompt takes a while: keep it off the event loop that streams everyone's tokens
             validated = await asyncio.to_thread(validate_request, request, self.cfg, self.tokenizer, self.limits)
         except InvalidRequest as exc:
-            self.metrics.requests.labels(finish_reason="error", code="INVALID_ARGUMENT").inc()
+            self.metrics.count_request(finish_reason="error", code="INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.client.healthy:
-            self.metrics.requests.labels(finish_reason="error", code="UNAVAILABLE").inc()
+            self.metrics.count_request(finish_reason="error", code="UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "an expert worker is down; retry later")
         trace.prompt_tokens = len(validated.engine_request.prompt_token_ids)
         return validated

@@ -185,12 +185,12 @@ def worker_templates(r: Render) -> list[dict]:
 
 
 def serve_args(r: Render) -> dict[str, str]:
-    """--flag=value pairs of the `exec mixserve 'serve' ...` line of the head script."""
+    """--flag=value pairs of the `exec mixserve 'serve' ...` line of the head script (a bare --flag maps to "")."""
     script = head_container(r)["args"][0]
     (line,) = [ln for ln in script.splitlines() if ln.startswith("exec mixserve ")]
     words = re.findall(r"'([^']*)'", line)
     assert words[0] == "serve", line
-    return dict(w.removeprefix("--").split("=", 1) for w in words[1:])
+    return dict((*w.removeprefix("--").split("=", 1), "")[:2] for w in words[1:])
 
 
 def containers(pod_spec: dict) -> list[dict]:

@@ -135,14 +135,16 @@ def test_ray_pods_have_writable_tmp_and_shm(values_file):
 def test_grpc_service_reaches_the_head_with_native_grpc_probes(values_file):
     r = render(values_file)
     svc = r.get("Service", fullname())
-    (port,) = svc["spec"]["ports"]
-    assert port["port"] == 50051 and port["appProtocol"] == "grpc" and port["name"] == "grpc"
+    grpc_port, http_port = svc["spec"]["ports"]
+    assert grpc_port["port"] == 50051 and grpc_port["appProtocol"] == "grpc" and grpc_port["name"] == "grpc"
+    assert (http_port["name"], http_port["port"], http_port["targetPort"]) == ("http", 8000, "http")
     template = head_template(r)
     assert service_selects(svc["spec"]["selector"], template["metadata"]["labels"])
     assert not any(service_selects(svc["spec"]["selector"], t["metadata"]["labels"]) for t in worker_templates(r))
     head = head_container(r)
     container_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert container_ports["grpc"] == 50051 and container_ports["http-metrics"] == 9400
+    assert container_ports["http"] == 8000
     assert container_ports["gcs-server"] == 6379 and container_ports["dashboard"] == 8265
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert head[probe]["grpc"] == {"port": 50051}, (probe, head[probe])
@@ -165,6 +167,7 @@ def test_serve_command_line(values_file):
     args = serve_args(r)
     assert args["host"] == "0.0.0.0" and args["port"] == "50051"
     assert args["metrics-host"] == "0.0.0.0" and args["metrics-port"] == "9400"
+    assert args["http-port"] == "8000" and "no-http" not in args
     assert args["ray-address"] == "auto"
     assert args["device"] in {"cuda", "cpu"} and int(args["workers"]) >= 1
     assert args["placement"] in {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"}
@@ -362,6 +365,14 @@ def test_kuberay_raycluster():
     assert r.get("ConfigMap", f"{fullname()}-dashboard")["metadata"]["namespace"] == "monitoring"
 
 
+def test_http_api_off_serves_grpc_only():
+    r = render(None, "--set", "serve.httpEnabled=false")
+    assert [p["name"] for p in r.get("Service", fullname())["spec"]["ports"]] == ["grpc"]
+    assert "http" not in {p["name"] for p in head_container(r)["ports"]}
+    args = serve_args(r)
+    assert "no-http" in args and "http-port" not in args
+
+
 # ------------------------------------------------------------------ values the chart must refuse
 
 REFUSED = [
@@ -373,6 +384,7 @@ REFUSED = [
     (["--set", "serve.placment=PACK"], "placment"),
     (["--set-json", 'workerGroups=[{"name":"g","replicas":1,"expertWorkersPerPod":4,"gpusPerPod":2}]'],
      "gpusPerPod (2) must be >= expertWorkersPerPod (4)"),
+    (["--set", "serve.httpPort=9400"], "serve.httpPort (9400) must differ from serve.metricsPort"),
 ]
 
 
@@ -397,5 +409,6 @@ def test_container_scripts_are_valid_bash(values_file):
 def test_notes_render(values_file, tmp_path):
     text = render_notes(tmp_path, values_file)
     assert f"port-forward svc/{fullname()} 50051:50051" in text, text
+    assert f"port-forward svc/{fullname()} 8000:8000" in text and "localhost:8000/v1/models" in text, text
     assert "mixserve.v1.MixServe/Generate" in text and "grpc.health.v1.Health/Check" in text
     assert "expert workers:" in text and "<no value>" not in text, text

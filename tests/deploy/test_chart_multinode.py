@@ -194,7 +194,7 @@ def test_host_network_uses_cluster_dns_and_one_ray_pod_per_node(values_file):
         ports = [p["containerPort"] for p in c["ports"]]
         assert len(ports) == len(set(ports)), ports
     head_ports = {p["name"]: p["hostPort"] for p in head_container(r)["ports"]}
-    assert head_ports["grpc"] == 50051 and head_ports["grpc-health"] == 50052
+    assert head_ports["grpc"] == 50051 and head_ports["grpc-health"] == 50052 and head_ports["http"] == 8000
     assert head_ports["dashboard-agt"] == agent_port
     # ... the port the head's agent listens on
     for rc in r.of_kind("RayCluster"):
@@ -207,7 +207,7 @@ def test_host_network_uses_cluster_dns_and_one_ray_pod_per_node(values_file):
 
 def test_host_network_off_declares_no_extra_port():
     names = [p["name"] for p in head_container(render(None))["ports"]]
-    assert names == ["grpc", "http-metrics", "gcs-server", "dashboard", "client"]
+    assert names == ["grpc", "http-metrics", "http", "gcs-server", "dashboard", "client"]
 
 
 # ------------------------------------------------------------------ nccl.env

@@ -153,8 +153,11 @@ def test_probes_use_a_port_that_answers_them(values_file, args):
 def test_services_expose_only_what_they_should(values_file, args):
     r = render(values_file, *args)
     labels = head_template(r)["metadata"]["labels"]
-    (grpc_port,) = r.get("Service", fullname())["spec"]["ports"]
+    grpc_port, http_port = r.get("Service", fullname())["spec"]["ports"]
     assert (grpc_port["name"], grpc_port["port"], grpc_port["targetPort"]) == ("grpc", 50051, "grpc")
+    scheme = "https" if tls_on(args) else "http"  # the HTTP API shares the gRPC port's TLS
+    assert (http_port["name"], http_port["port"], http_port["targetPort"], http_port["appProtocol"]) == (
+        "http", 8000, "http", scheme)
     (metrics_port,) = r.get("Service", f"{fullname()}-metrics")["spec"]["ports"]
     assert (metrics_port["name"], metrics_port["port"], metrics_port["appProtocol"]) == ("http-metrics", 9400, "http")
     assert "--metrics-port=9400" in head_container(r)["args"][0]

@@ -1,7 +1,8 @@
 """Runs a real gateway (and its Ray engine) on loopback in a background thread for the e2e tests.
 
 `channel`/`stub` are plaintext and carry no key; with TLS or API keys in the options, build channels with
-`open_channel(credentials)` and pass metadata per call."""
+`open_channel(credentials)` and pass metadata per call. The default options also serve the OpenAI-compatible
+HTTP API on a free port (`http_base_url`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class RunningGateway:
             ClusterOptions(num_workers=workers, cpu=CpuPolicy(threads_per_rank=1), collective_timeout_s=15),
             scheduler,
         )
-        self.options = options or GatewayOptions(port=0, metrics_port=0, grace_s=5)
+        self.options = options or GatewayOptions(port=0, metrics_port=0, http_port=0, grace_s=5)
         self.loop = asyncio.new_event_loop()
         self.gateway: Gateway | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
@@ -73,6 +74,13 @@ class RunningGateway:
             channel = grpc.secure_channel(target, credentials, options=options)
         self._channels.append(channel)
         return channel
+
+    @property
+    def http_base_url(self) -> str:
+        """The OpenAI API's base URL (`openai.OpenAI(base_url=...)`); needs GatewayOptions.http_port."""
+        assert self.gateway.http_server is not None, "GatewayOptions.http_port is not set"
+        scheme = "https" if self.options.security.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.gateway.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.timeout(300)
 
 def _start(model: Path, port: int, metrics_port: int, *extra: str) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"}
+    if "--http-port" not in extra and "--no-http" not in extra:
+        extra = (*extra, "--http-port", "0")  # never the default 8000, which another process may hold
     return subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--port", str(port),
          "--metrics-port", str(metrics_port), "--threads", "1", *extra],

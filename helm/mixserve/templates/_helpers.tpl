@@ -139,7 +139,7 @@ mixserve/worker-group: {{ .group.name }}
 {{- $tls := .Values.gateway.tls }}
 {{- if $tls.enabled }}
 {{- $_ := required "gateway.tls.enabled needs gateway.tls.existingSecret: the name of a kubernetes.io/tls Secret with tls.crt and tls.key" $tls.existingSecret }}
-{{- $taken := dict "serve.grpcPort" .Values.serve.grpcPort "serve.metricsPort" .Values.serve.metricsPort "ray.gcsPort" .Values.ray.gcsPort "ray.dashboardPort" .Values.ray.dashboardPort "ray.clientPort" .Values.ray.clientPort "ray.dashboardAgentPort" .Values.ray.dashboardAgentPort }}
+{{- $taken := dict "serve.grpcPort" .Values.serve.grpcPort "serve.metricsPort" .Values.serve.metricsPort "serve.httpPort" (ternary .Values.serve.httpPort 0 .Values.serve.httpEnabled) "ray.gcsPort" .Values.ray.gcsPort "ray.dashboardPort" .Values.ray.dashboardPort "ray.clientPort" .Values.ray.clientPort "ray.dashboardAgentPort" .Values.ray.dashboardAgentPort }}
 {{- range $name, $port := $taken }}
 {{- if eq (int $port) (int $tls.healthPort) }}
 {{- fail (printf "gateway.tls.healthPort (%d) must differ from %s: the probes' plaintext health port needs a port of its own" (int $tls.healthPort) $name) }}
@@ -151,6 +151,13 @@ mixserve/worker-group: {{ .group.name }}
 {{- fail "gateway.tls.clientCA.enabled needs gateway.tls.enabled: client certificates (mTLS) need TLS" }}
 {{- end }}
 {{- $_ := required "gateway.tls.clientCA.enabled needs gateway.tls.clientCA.existingSecret: the name of a Secret holding the PEM CA bundle that signs client certificates" $tls.clientCA.existingSecret }}
+{{- end }}
+{{- if .Values.serve.httpEnabled }}
+{{- range $name := list "grpcPort" "metricsPort" }}
+{{- if eq (int (get $.Values.serve $name)) (int $.Values.serve.httpPort) }}
+{{- fail (printf "serve.httpPort (%d) must differ from serve.%s" (int $.Values.serve.httpPort) $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if .Values.gateway.apiKeys.enabled }}
 {{- $_ := required "gateway.apiKeys.enabled needs gateway.apiKeys.existingSecret: the name of a Secret holding the API keys file (one key per line)" .Values.gateway.apiKeys.existingSecret }}
@@ -166,6 +173,11 @@ mixserve/worker-group: {{ .group.name }}
 - --port={{ int .Values.serve.grpcPort }}
 - --metrics-host=0.0.0.0
 - --metrics-port={{ int .Values.serve.metricsPort }}
+{{- if .Values.serve.httpEnabled }}
+- --http-port={{ int .Values.serve.httpPort }}
+{{- else }}
+- --no-http
+{{- end }}
 - --device={{ .Values.serve.device }}
 {{- with .Values.serve.dtype }}
 - --dtype={{ . }}
@@ -453,6 +465,11 @@ mixserve/worker-group: {{ .group.name }}
 - name: http-metrics
   containerPort: {{ .Values.serve.metricsPort }}
   protocol: TCP
+{{- if .Values.serve.httpEnabled }}
+- name: http
+  containerPort: {{ .Values.serve.httpPort }}
+  protocol: TCP
+{{- end }}
 - name: gcs-server
   containerPort: {{ .Values.ray.gcsPort }}
   protocol: TCP
