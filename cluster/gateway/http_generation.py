@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cluster.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from cluster.gateway.access_log import log_request
 from cluster.gateway.engine_client import EngineClient, RequestStream
 from cluster.gateway.service import RequestTrace, _coalesce, _push_until_stop
 from cluster.gateway.text_stream import TextStream
@@ -104,6 +105,11 @@ class HttpGeneration:
                                       completion_tokens=len(self.trace.token_ids), api=API)
         if self.code == "OK":
             self.metrics.e2e.observe(time.monotonic() - self.trace.arrival)
+        log_request(api=API, request_id=self.validated.request_id if self.validated else "-", code=self.code,
+                    finish_reason=self.reason, prompt_tokens=self.trace.prompt_tokens,
+                    completion_tokens=len(self.trace.token_ids),
+                    ttft_s=None if self.trace.first_token is None else self.trace.first_token - self.trace.arrival,
+                    total_s=time.monotonic() - self.trace.arrival)
         if self.stream is not None and self.engine_done:
             self.client.release(self.stream)
         elif self.stream is not None:  # a disconnect or a stop string: free the engine's cache now

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from cluster.gateway.access_log import log_request
 from cluster.gateway.engine_client import EngineClient
 from cluster.gateway.handlers import Undecodable
 from cluster.gateway.metrics import GatewayMetrics
@@ -151,7 +152,7 @@ class MixServeServicer(pb_grpc.MixServeServicer):
                 self.client.release(stream)
             elif stream is not None:  # cancelled, deadline, or a stop string: free the engine's cache now
                 await asyncio.shield(self.client.abort(stream))
-            self._record_end(trace, reason, code)
+            self._record_end(trace, reason, code, validated.request_id)
 
     async def _admit(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, trace: RequestTrace
@@ -186,11 +187,16 @@ class MixServeServicer(pb_grpc.MixServeServicer):
             delta += "" if stopped else text.finish()
         return Chunk(delta, token_ids, logprobs, reason)
 
-    def _record_end(self, trace: RequestTrace, reason: str, code: str) -> None:
+    def _record_end(self, trace: RequestTrace, reason: str, code: str, request_id: str) -> None:
         self.metrics.observe_finished(finish_reason=reason, code=code, prompt_tokens=trace.prompt_tokens,
                                       completion_tokens=len(trace.token_ids))
+        now = time.monotonic()
         if code == "OK":
-            self.metrics.e2e.observe(time.monotonic() - trace.arrival)
+            self.metrics.e2e.observe(now - trace.arrival)
+        log_request(api="grpc", request_id=request_id, code=code, finish_reason=reason,
+                    prompt_tokens=trace.prompt_tokens, completion_tokens=len(trace.token_ids),
+                    ttft_s=None if trace.first_token is None else trace.first_token - trace.arrival,
+                    total_s=now - trace.arrival)
 
 
 def _coalesce(first: SequenceUpdate, queue: asyncio.Queue[SequenceUpdate]) -> SequenceUpdate:

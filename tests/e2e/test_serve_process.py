@@ -4,6 +4,7 @@ stream before exiting."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def test_client_streams_then_sigterm_drains_in_flight_stream(served_model):
         assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 150
         assert rest[-1].finish_reason == "length"
         assert proc.wait(timeout=60) == 0
+        access = re.findall(r"INFO mixserve\.access: grpc '[0-9a-f]+' OK finish=length prompt=(\d+) completion=(\d+) "
+                            r"ttft=[0-9.]+s total=[0-9.]+s", proc.stdout.read())
+        assert ("3", "150") in access and any(c == "8" for _, c in access), access  # one line per request
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
