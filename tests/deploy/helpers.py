@@ -60,6 +60,7 @@ GAUGES = {
     "mixserve_worker_up",
     "mixserve_num_expert_workers",
 }
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}  # custom resources the chart renders
 METRIC_NAMES = frozenset(
     COUNTERS | GAUGES | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 )
@@ -167,6 +168,16 @@ def pod_templates(r: Render) -> list[tuple[str, dict]]:
         out.append(("RayCluster head", rc["spec"]["headGroupSpec"]["template"]))
         out += [(f"RayCluster {g['groupName']}", g["template"]) for g in rc["spec"]["workerGroupSpecs"]]
     return out
+
+
+def validate_rendered(r: Render) -> None:
+    """Every built-in object of a render, and every pod template (the RayCluster's too, wrapped as a
+    PodTemplate), against the Kubernetes schemas; CRD instances pass kubernetes-validate unchecked."""
+    objects = [o for o in r.objects if o["kind"] not in CRD_KINDS]
+    objects += [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": owner}, "template": t}
+                for owner, t in pod_templates(r)]
+    for obj in objects:
+        validate_kubernetes(obj, f"{obj['kind']}/{obj['metadata']['name']}")
 
 
 def head_template(r: Render) -> dict:

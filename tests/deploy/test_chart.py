@@ -11,6 +11,7 @@ import yaml
 
 from tests.deploy.helpers import (
     CI_VALUES,
+    CRD_KINDS,
     NAMESPACE,
     RELEASE,
     Render,
@@ -33,7 +34,6 @@ from tests.deploy.helpers import (
 
 VALUE_SETS = [None, "cpu-values.yaml", "gpu-multinode-values.yaml", "gpu-infiniband-values.yaml",
               "kuberay-values.yaml"]
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}
 GPU = "nvidia.com/gpu"
 
 

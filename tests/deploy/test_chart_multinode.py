@@ -19,14 +19,13 @@ from tests.deploy.helpers import (
     render,
     render_notes,
     serve_args,
-    validate_kubernetes,
+    validate_rendered,
     worker_templates,
 )
 
 RDMA = "rdma/rdma_shared_device_a"
 GPU = "nvidia.com/gpu"
 RAY_CONTAINERS = {"ray-head", "ray-worker"}
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}
 RDMA_ON = ("--set", "rdma.enabled=true")
 HOST_NET = ("--set", "hostNetwork=true")
 NCCL_ENV = ("--set", "nccl.env.NCCL_IB_HCA=mlx5", "--set", "nccl.env.NCCL_IB_GID_INDEX=3",
@@ -321,12 +320,7 @@ def test_helm_lint_strict_with_the_options_on(values_file, args):
 
 @pytest.mark.parametrize(("values_file", "args"), RENDERS, ids=RENDER_IDS)
 def test_objects_match_kubernetes_schemas_with_the_options_on(values_file, args):
-    r = render(values_file, *args)
-    objects = [o for o in r.objects if o["kind"] not in CRD_KINDS]
-    objects += [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": t}
-                for _, t in pod_templates(r)]
-    for obj in objects:
-        validate_kubernetes(obj, f"{obj['kind']}/{obj['metadata']['name']}")
+    validate_rendered(render(values_file, *args))
 
 
 def test_notes_summarize_the_nccl_network(tmp_path):

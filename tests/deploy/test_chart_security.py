@@ -17,12 +17,11 @@ from tests.deploy.helpers import (
     head_template,
     helm_lint,
     helm_template,
-    pod_templates,
     render,
     render_notes,
     serve_args,
     service_selects,
-    validate_kubernetes,
+    validate_rendered,
     worker_templates,
 )
 
@@ -37,7 +36,6 @@ CASES = {"off": (), "tls": TLS, "mtls": MTLS, "api-keys": KEYS, "tls+api-keys": 
 RENDERS = [*((None, args) for args in CASES.values()), ("kuberay-values.yaml", (*MTLS, *KEYS))]
 RENDER_IDS = [*CASES, "kuberay-mtls+api-keys"]
 GATEWAY_VOLUMES = {"gateway-tls", "gateway-client-ca", "gateway-api-keys"}
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}
 # serve flag -> (volume, Secret key it must come from), per case
 TLS_FLAGS = {"tls-cert": ("gateway-tls", "tls.crt"), "tls-key": ("gateway-tls", "tls.key")}
 CA_FLAGS = {"tls-client-ca": ("gateway-client-ca", "bundle.pem")}
@@ -207,12 +205,7 @@ def test_helm_lint_strict(values_file, args):
 
 @pytest.mark.parametrize(("values_file", "args"), RENDERS, ids=RENDER_IDS)
 def test_objects_match_kubernetes_schemas(values_file, args):
-    r = render(values_file, *args)
-    objects = [o for o in r.objects if o["kind"] not in CRD_KINDS]
-    objects += [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": owner}, "template": t}
-                for owner, t in pod_templates(r)]
-    for obj in objects:
-        validate_kubernetes(obj, f"{obj['kind']}/{obj['metadata']['name']}")
+    validate_rendered(render(values_file, *args))
 
 
 # ------------------------------------------------------------------ values the chart must refuse
