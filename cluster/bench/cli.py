@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from cluster.bench.failover import FailoverOptions, FailoverReport, format_failo
 from cluster.bench.mixed import MixedOptions, MixedReport, format_mixed, run_mixed
 from cluster.bench.offline import OfflineOptions, run_offline
 from cluster.bench.plot import plot_report
+from cluster.bench.prefix_cache import mismatches
 from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
 from cluster.bench.serve import ServeOptions, run_serve
 from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
@@ -35,6 +37,14 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _switches(text: str) -> tuple[bool, ...]:
+    values = {"on": True, "off": False}
+    try:
+        return tuple(values[t.strip()] for t in text.split(",") if t.strip())
+    except KeyError as exc:
+        raise argparse.ArgumentTypeError(f"expected on, off or a list of them (on,off), got {text!r}") from exc
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -64,9 +74,13 @@ def _engine_args(p: argparse.ArgumentParser, *, max_batched_tokens: int, workers
                         "offline takes a list, e.g. 1,2, and runs each worker count once per value; None: as serve")
     p.add_argument("--micro-batch-min-tokens", type=int, default=MicroBatching().min_tokens,
                    help="`mixserve serve --micro-batch-min-tokens`")
-    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixserve engines reuse cached prompt prefixes (`mixserve serve` has it on); off here because "
-                        "the warm-up sends the measured prompts first")
+    p.add_argument("--prefix-caching", type=_switches, nargs="?", const=(True,), default="off",
+                   help="mixserve engines reuse cached prompt prefixes (`mixserve serve` has it on): off, on, or for "
+                        "serve a list (on,off) to run each worker count once per value, side by side. serve warms "
+                        "up on other prompts and draws new ones per round and point, so each measurement starts "
+                        "cold; offline, mixed and failover warm up on the measured prompts, so there on skips prefill")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=(False,),
+                   default=argparse.SUPPRESS, help="--prefix-caching off")
     p.add_argument("--warmup-tokens", type=int, default=4, help="tokens per request in each engine's warm-up")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every engine this many times, interleaved (a shared machine's load then hits all "
@@ -133,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="closed loop: concurrent streams, e.g. 1,8,32 (1,8,32 unless --request-rate)")
     load.add_argument("--request-rate", type=_rates, default=None, help="open loop: Poisson rates/s, e.g. 1,4,inf")
     srv.add_argument("--num-prompts", type=int, default=0, help="requests per point (0: the concurrency)")
+    srv.add_argument("--shared-prefix-len", type=int, default=0,
+                     help="every prompt of a point starts with one random prefix of this many tokens, then "
+                          "--input-len of its own (a new prefix per round and point, another for the warm-up)")
     _server_args(srv)
     mixed = modes.add_parser("mixed", formatter_class=defaults,
                              help="long prompts arriving over gRPC while short streams decode, against the two "
@@ -193,11 +210,18 @@ def _engine_setup(args: argparse.Namespace, *, max_num_seqs: int, input_len: int
         reserved_cpus=_reserved_cpus(args), compile_small_steps=args.compile,
         micro_batching=MicroBatching(micro_batches=_micro_batches(args, device)[0],
                                      min_tokens=args.micro_batch_min_tokens),
-        prefix_caching=args.prefix_caching,
+        prefix_caching=args.prefix_caching[0],
     )
 
 
+def _one_switch(args: argparse.Namespace) -> None:
+    if len(args.prefix_caching) != 1:
+        raise ValueError(f"bench {args.bench_mode} runs one prefix-caching setting: give on or off, got "
+                         f"{','.join('on' if v else 'off' for v in args.prefix_caching) or 'none'}")
+
+
 def _offline(args: argparse.Namespace) -> OfflineReport:
+    _one_switch(args)
     workload = Workload(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                         seed=args.seed)
     return run_offline(OfflineOptions(
@@ -210,15 +234,20 @@ def _offline(args: argparse.Namespace) -> OfflineReport:
 def _serve(args: argparse.Namespace) -> ServeReport:
     concurrency = args.concurrency or (() if args.request_rate else (1, 8, 32))
     in_flight = max(concurrency) if concurrency else args.num_prompts
-    setup = _engine_setup(args, max_num_seqs=max(in_flight, 1), input_len=args.input_len, here=args.transformers)
+    if not args.prefix_caching:
+        raise ValueError("--prefix-caching: give on, off or on,off")
+    setup = _engine_setup(args, max_num_seqs=max(in_flight, 1), input_len=args.shared_prefix_len + args.input_len,
+                          here=args.transformers)
     return run_serve(ServeOptions(
         setup=setup, input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
         seed=args.seed, concurrency=concurrency, request_rates=args.request_rate or (), workers=args.workers,
         transformers=args.transformers,
-        target=args.target, metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout))
+        target=args.target, metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout,
+        shared_prefix_len=args.shared_prefix_len, prefix_caching=args.prefix_caching))
 
 
 def _mixed(args: argparse.Namespace) -> MixedReport:
+    _one_switch(args)
     short = Workload(num_prompts=args.short_streams, input_len=args.short_input_len,
                      output_len=args.short_output_len, seed=args.seed)
     long = Workload(num_prompts=args.long_prompts, input_len=args.long_input_len, output_len=args.long_output_len,
@@ -232,6 +261,7 @@ def _mixed(args: argparse.Namespace) -> MixedReport:
 
 
 def _failover(args: argparse.Namespace) -> FailoverReport:
+    _one_switch(args)
     if len(args.workers) != 1:
         raise ValueError(f"failover runs one engine: give one --workers count, got {args.workers}")
     workload = Workload(num_prompts=args.streams, input_len=args.input_len, output_len=args.output_len,
@@ -269,4 +299,8 @@ def main(argv: list[str]) -> int:
     if getattr(args, "plot", None) is not None:
         plot_report(report, args.plot)
         print(f"plot: {args.plot}")
+    if isinstance(report, ServeReport) and (differ := mismatches(report.prefix_cache)):
+        print("mixserve bench: error: greedy tokens differ with prefix caching on and off:\n  " + "\n  ".join(differ),
+              file=sys.stderr)
+        return 1
     return 0

@@ -30,6 +30,8 @@ from protos import mixserve_pb2_grpc as pb_grpc
 OnTokens = Callable[[int], object]
 PHASE_SUM = "mixserve_step_phase_seconds_sum"
 GENERATED = "mixserve_generation_tokens_total"
+PREFIX_CACHE_COUNTERS = {"looked up": "mixserve_prefix_cache_query_tokens_total",
+                         "reused": "mixserve_prefix_cache_hit_tokens_total"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ClientTrace:
     done: float
     finish_reason: str
     error: str | None = None
+    token_ids: tuple[int, ...] = ()  # the tokens as streamed (empty where a trace was not streamed)
 
     @property
     def tokens(self) -> int:
@@ -112,6 +115,7 @@ async def stream_one(stub: pb_grpc.MixServeStub, prompt: tuple[int, ...], output
     request = pb.GenerateRequest(prompt_token_ids=list(prompt), sampling=sampling)
     times: list[float] = []
     counts: list[int] = []
+    ids: list[int] = []
     finish, error = "", None
     sent = time.perf_counter()
     try:
@@ -119,12 +123,13 @@ async def stream_one(stub: pb_grpc.MixServeStub, prompt: tuple[int, ...], output
             if chunk.token_ids:
                 times.append(time.perf_counter())
                 counts.append(len(chunk.token_ids))
+                ids.extend(chunk.token_ids)
                 on_tokens(len(chunk.token_ids))
             finish = chunk.finish_reason or finish
     except grpc.aio.AioRpcError as exc:
         error = f"{exc.code().name}: {exc.details()}"
     return ClientTrace(sent=sent, chunk_times=tuple(times), chunk_tokens=tuple(counts), done=time.perf_counter(),
-                       finish_reason=finish, error=error)
+                       finish_reason=finish, error=error, token_ids=tuple(ids))
 
 
 async def closed_loop(target: str, prompts: list[tuple[int, ...]], output_len: int, concurrency: int,
@@ -268,6 +273,13 @@ def phase_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         return {key[len(prefix):-1]: value for key, value in samples.items() if key.startswith(prefix)}
 
     return delta(sums(before), sums(after))
+
+
+def prefix_cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Prompt tokens looked up in the prefix cache and reused from it between two scrapes ({} without the
+    counters: an engine with caching off, or a server that does not export them)."""
+    names = PREFIX_CACHE_COUNTERS.items()
+    return {k: after[n] - before.get(n, 0.0) for k, n in names if n in after}
 
 
 def scrape_settled(url: str, before: dict[str, float], expected_tokens: int,

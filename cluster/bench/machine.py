@@ -283,7 +283,7 @@ def step_bytes(cfg: ModelConfig, *, tokens: int, keys_read: int, element_size: i
 def roofline_floor(cfg: ModelConfig, workload: Workload, *, max_num_seqs: int, matmul_flops_per_s: float,
                    bandwidth: MemoryBandwidth, element_size: int) -> RooflineFloor:
     params = params_per_token(cfg)
-    n, p, o = workload.num_prompts, workload.input_len, workload.output_len
+    n, p, o = workload.num_prompts, workload.prompt_len, workload.output_len
     full = min(n, max_num_seqs)
     batches = (full,) * (n // full) + ((n % full,) if n % full else ())
     window = cfg.sliding_window or math.inf

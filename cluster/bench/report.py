@@ -18,6 +18,8 @@ from typing import Any
 
 from cluster.bench.load import LatencyStats, LatencySummary
 from cluster.bench.machine import BENCH_PROCESS, COORDINATOR, ComputeFloor, RooflineFloor, RunMeta
+from cluster.bench.prefix_cache import TABLE_HEADERS as PREFIX_CACHE_HEADERS
+from cluster.bench.prefix_cache import PrefixCacheComparison, table_rows
 from cluster.bench.workload import Workload
 from cluster.cpu_tuning import threads_after_reserve
 from workers.config import ModelConfig
@@ -142,6 +144,8 @@ class ServePoint:
     # CPU seconds per round by process (cluster.bench.runners): the bench process (gateway + load generator,
     # or transformers), the coordinator, each expert worker
     cpu_seconds: dict[str, float]
+    prefix_caching: bool | None = None  # a mixserve engine the bench started: its setting (else None)
+    prefix_cache_tokens: dict[str, float] = field(default_factory=dict)  # per round: looked up / reused (/metrics)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +165,8 @@ class ServeReport:
     reference_label: str | None
     points: tuple[ServePoint, ...]
     ratios: tuple[PointRatios, ...]
+    shared_prefix_len: int = 0  # tokens every prompt of a (round, point) shares, before its input_len own ones
+    prefix_cache: tuple[PrefixCacheComparison, ...] = ()  # caching off against on, per (point, worker count)
 
 
 def timing_fields(run_seconds: list[float], requests: int, output_tokens: int) -> dict[str, Any]:
@@ -352,11 +358,17 @@ def _serve_headline(report: ServeReport) -> list[list[str]]:
     return rows
 
 
+def _prefix_token_rows(report: ServeReport) -> list[list[str]]:
+    return [[p.point, p.label, *(fmt(p.prefix_cache_tokens.get(k), 0) for k in ("looked up", "reused"))]
+            for p in report.points if p.prefix_caching]
+
+
 def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     """Throughput, client-side latency percentiles and ratios per sweep point, then the server-side phases
     scraped from /metrics, the expert workers' own phases, and the CPU seconds of each process."""
     s = report.settings
-    head = (f"mixserve bench serve · {report.model.path} · {report.input_len} in / {report.output_len} out · "
+    shared = f"{report.shared_prefix_len} shared + " if report.shared_prefix_len else ""
+    head = (f"mixserve bench serve · {report.model.path} · {shared}{report.input_len} in / {report.output_len} out · "
             f"{s['dtype']} on {s['device']}, {threads_summary(s)}{compiled_note(s)} · {s['rounds']} round(s) pooled\n"
             f"{machine_line(report.meta)}")
     phases = [[p.point, p.label, *(fmt(p.server_phase_seconds.get(ph, 0.0)) for ph in PHASES),
@@ -371,6 +383,12 @@ def format_serve(report: ServeReport, *, markdown: bool = False) -> str:
     return join_tables([
         ("", head), ("", f"reference: {report.reference_label}"),
         ("", render(headers, _serve_headline(report), markdown=markdown, text_columns=2)),
+        ("prefix caching off against on (same worker count, same prompts; every engine started with an empty cache, "
+         "warmed up on other prompts):",
+         render(PREFIX_CACHE_HEADERS, table_rows(report.prefix_cache), markdown=markdown, text_columns=2)),
+        ("prompt tokens per round looked up in the prefix cache and reused from it (server /metrics):",
+         render(["point", "engine", "looked up", "reused"], _prefix_token_rows(report), markdown=markdown,
+                text_columns=2)),
         ("server-side phase seconds per point (mixserve_step_phase_seconds_sum, after − before):",
          render(["point", "engine", *PHASES, "phases total", "wall"], phases, markdown=markdown, text_columns=2)),
         ("expert workers' own seconds per point:",

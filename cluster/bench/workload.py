@@ -1,6 +1,7 @@
-"""What a benchmark runs: seeded random prompts of one length, every request producing exactly `output_len`
-tokens (greedy, end-of-sequence ignored); the random checkpoints it runs on; and the setup every mixserve
-engine of one benchmark shares. Knows nothing of how an engine is driven, timed or reported.
+"""What a benchmark runs: seeded random prompts of one length (optionally one shared random prefix followed by
+each prompt's own random tokens), every request producing exactly `output_len` tokens (greedy, end-of-sequence
+ignored); the random checkpoints it runs on; and the setup every mixserve engine of one benchmark shares.
+Knows nothing of how an engine is driven, timed or reported.
 
 Needs neither Ray nor gRPC (scripts/gpu_check.py writes its checkpoint with this module).
 """
@@ -29,14 +30,22 @@ RESERVED_IDS = 3  # <unk>, <s>, </s> in Mixtral vocabularies: never used as prom
 @dataclass(frozen=True, kw_only=True)
 class Workload:
     num_prompts: int
-    input_len: int
+    input_len: int  # each prompt's own tokens (after the shared prefix, when there is one)
     output_len: int
     seed: int = 0
+    shared_prefix_len: int = 0  # tokens every prompt starts with, the same for all (0: none)
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.shared_prefix_len < 0:
+            raise ValueError(f"shared_prefix_len must be >= 0, got {self.shared_prefix_len}")
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens per prompt: the shared prefix, then the prompt's own."""
+        return self.shared_prefix_len + self.input_len
 
     @property
     def output_tokens(self) -> int:
@@ -45,15 +54,20 @@ class Workload:
     @property
     def forwarded_tokens(self) -> int:
         """Tokens that go through the layer stack: every prompt token, then every sampled token but the last."""
-        return self.num_prompts * (self.input_len + self.output_len - 1)
+        return self.num_prompts * (self.prompt_len + self.output_len - 1)
 
 
 def make_prompts(workload: Workload, vocab_size: int) -> list[tuple[int, ...]]:
+    """Seeded random ids above the reserved ones: each prompt's own `input_len`, after the one shared prefix
+    of `shared_prefix_len` (drawn first, from the same seed; without one the prompts are as they always were)."""
     if vocab_size <= RESERVED_IDS:
         raise ValueError(f"vocab_size ({vocab_size}) leaves no ids above the {RESERVED_IDS} reserved ones")
     gen = torch.Generator().manual_seed(workload.seed)
+    prefix: tuple[int, ...] = ()
+    if workload.shared_prefix_len:
+        prefix = tuple(torch.randint(RESERVED_IDS, vocab_size, (workload.shared_prefix_len,), generator=gen).tolist())
     ids_NP = torch.randint(RESERVED_IDS, vocab_size, (workload.num_prompts, workload.input_len), generator=gen)
-    return [tuple(row) for row in ids_NP.tolist()]
+    return [prefix + tuple(row) for row in ids_NP.tolist()]
 
 
 def engine_requests(prompts: list[tuple[int, ...]], output_len: int, tag: str) -> list[GenerationRequest]:
@@ -143,8 +157,9 @@ class EngineSetup:
     reserved_cpus: int = 0  # Ray ranks run threads_per_rank minus this (the gateway's share in serve)
     compile_small_steps: bool = False  # EngineSettings.compile_small_steps for every mixserve engine
     micro_batching: MicroBatching = field(default_factory=MicroBatching)  # EngineSettings.micro_batching
-    # off by default: the warm-up and earlier rounds send the measured prompts, so a prefix cache would let the
-    # measured run skip their prefill, which transformers cannot
+    # off by default: offline, mixed and failover warm up (and run later rounds) on the measured prompts, so a
+    # prefix cache would let the measured run skip their prefill, which transformers cannot; serve draws other
+    # prompts for the warm-up and for every round and point, and may run each engine with it off and on
     prefix_caching: bool = False
 
     def __post_init__(self) -> None:
@@ -171,7 +186,7 @@ class EngineSetup:
 def engine_settings(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int = 0) -> EngineSettings:
     """KV cache room for every running sequence at full length, plus one spare block each: no preemption."""
     spec = kv_cache_spec(cfg, num_blocks=1, block_size=setup.block_size, dtype=setup.dtype, device=setup.device)
-    per_sequence = spec.max_blocks_per_sequence(workload.input_len + workload.output_len) + 1
+    per_sequence = spec.max_blocks_per_sequence(workload.prompt_len + workload.output_len) + 1
     kv_bytes = per_sequence * min(setup.max_num_seqs, workload.num_prompts) * spec.bytes_per_block
     return EngineSettings(model_dir=setup.model_dir, device=setup.device, dtype=setup.dtype, kv_cache_bytes=kv_bytes,
                           block_size=setup.block_size, num_workers=workers,

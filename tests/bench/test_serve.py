@@ -46,3 +46,30 @@ def test_concurrency_sweep_reports_client_latency_and_server_phases(ray_cluster,
         assert ratios[(c, points[(c, "transformers")]["label"])]["tok_s_vs_transformers"] == 1.0
         assert ratios[(c, points[(c, "ray")]["label"])]["time_vs_reference"] == 1.0
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(240)
+def test_prefix_caching_off_and_on_side_by_side(ray_cluster, tiny8, tmp_path, capsys):
+    """A shared prefix, both settings in one run: one engine per setting, paired in the report, every request's
+    greedy tokens the same both ways, and only the caching engine reusing blocks (never on its warm-up's prompts:
+    the first request of the point computes the prefix)."""
+    prefix, own, streams = 48, 8, 3
+    argv = ["bench", "serve", "--model", str(tiny8), "--concurrency", str(streams), "--shared-prefix-len", str(prefix),
+            "--input-len", str(own), "--output-len", "4", "--workers", "0", "--threads", "1", "--warmup-tokens", "2",
+            "--max-batched-tokens", str(prefix + own), "--prefix-caching", "on,off", "--no-transformers",
+            "--no-progress", "--out", str(tmp_path / "p.json")]
+    assert main(argv) == 0
+    assert "prefix caching off against on" in capsys.readouterr().out
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["shared_prefix_len"] == prefix and report["settings"]["prefix_caching"] == "on,off"
+    by_setting = {p["prefix_caching"]: p for p in report["points"]}
+    assert set(by_setting) == {True, False} and all(p["errors"] == 0 for p in report["points"])
+    assert by_setting[True]["label"].endswith("prefix caching on")
+    (pair,) = report["prefix_cache"]
+    assert (pair["point"], pair["workers"], pair["requests"]) == (f"c={streams}", 0, streams)
+    assert pair["tokens_identical"] and pair["first_difference"] is None
+    assert pair["ttft_p50_ratio"] == pytest.approx(pair["ttft_p50_off"] / pair["ttft_p50_on"])
+    reused = by_setting[True]["prefix_cache_tokens"]
+    assert reused["looked up"] == streams * (prefix + own)
+    assert 0 < reused["reused"] <= (streams - 1) * prefix, reused
+    assert by_setting[False]["prefix_cache_tokens"].get("reused", 0.0) == 0.0
