@@ -1,10 +1,13 @@
 """Expert-parallel dispatch / combine on real gloo ranks, checked row by row against a Python oracle.
 
-Each spawned rank builds every rank's inputs from fixed seeds, so it can compute exactly which rows it
-must receive, in which order, and what must come back. Payloads are rank-encoded
-(src_rank * 1000 + row + feature / 1000); senders and receivers are uneven, some ranks send no rows,
-some receive none, some local experts get none. Every failing rank sends its traceback back through a
-queue and the parent fails with the root cause first; the group timeout keeps a bug from hanging the suite.
+The ranks play the engine's roles: the first `sources` ranks are attention ranks and send their rows with
+`send_from_source` (dispatch and combine started at once, then `wait()`), the others are expert ranks and
+run the real receiving side (`dispatch_step`, then `combine`). Each spawned rank builds every rank's
+inputs from fixed seeds, so it can compute exactly which rows it must receive, in which order, and what
+must come back. Payloads are rank-encoded (src_rank * 1000 + row + feature / 1000); sources send uneven
+numbers of rows, some send none, some expert ranks receive none, some local experts get none. Every
+failing rank sends its traceback back through a queue and the parent fails with the root cause first; the
+group timeout keeps a bug from hanging the suite.
 
 Shape legend: N rows sent, M rows received, D model dim, R ranks, e local experts (e_max the max).
 """
@@ -15,7 +18,7 @@ import contextlib
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.queues import SimpleQueue
 from multiprocessing.synchronize import Event
 
@@ -27,13 +30,16 @@ import torch.multiprocessing as mp
 from workers.comm import (
     CollectiveError,
     DispatchError,
+    DispatchPlan,
     GroupConfigError,
+    PendingRows,
     ProcessGroupHandle,
     combine,
     counts_if_grouped,
     create_group,
-    dispatch_rows,
+    dispatch_step,
     free_port,
+    send_from_source,
 )
 
 D = 4
@@ -45,10 +51,19 @@ HANG_TIMEOUT_S = 2.0
 class Scenario:
     name: str
     seed: int
-    experts_per_rank: tuple[int, ...]  # [R] local experts each rank holds
-    rows_per_rank: tuple[int, ...]  # [R] rows each rank sends
-    receivers: tuple[int, ...]  # ranks that may be sent rows
+    experts_per_rank: tuple[int, ...]  # [R] local experts each rank holds (none on the sources)
+    rows_per_rank: tuple[int, ...]  # [R] rows each rank sends (only the sources send)
+    routed_to: tuple[int, ...]  # expert ranks rows are routed to; the others stay idle
+    sources: int = 1  # ranks [0, sources) send (attention ranks), the rest receive (expert ranks)
     dtype: torch.dtype = torch.float64
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.rows_per_rank)
+
+    @property
+    def receivers(self) -> tuple[int, ...]:
+        return tuple(range(self.sources, self.num_ranks))
 
     @property
     def num_local_experts_max(self) -> int:
@@ -60,37 +75,28 @@ def _scenarios(world_size: int) -> list[Scenario]:
     base, extra = divmod(8, workers)  # 8 experts on the workers, contiguous placement
     mixserve_experts = (0, *(base + (w < extra) for w in range(workers)))
     idle_worker = (2,) if world_size >= 4 else ()  # a worker nothing is routed to
-    return [
-        Scenario(
-            name="mixserve: only rank 0 sends, to workers",
-            seed=1,
-            experts_per_rank=mixserve_experts,
-            rows_per_rank=(37, *(0 for _ in range(workers))),
-            receivers=tuple(r for r in range(1, world_size) if r not in idle_worker),
-        ),
-        Scenario(
-            name="all-to-all: uneven, last rank silent, rank 1 idle",
-            seed=2,
-            experts_per_rank=tuple(1 + r % 3 for r in range(world_size)),
-            rows_per_rank=tuple(0 if r == world_size - 1 else 5 + 7 * r for r in range(world_size)),
-            receivers=tuple(r for r in range(world_size) if world_size < 3 or r != 1),
-        ),
-        Scenario(
-            name="float32 all ranks send to all",
-            seed=3,
-            experts_per_rank=tuple(2 for _ in range(world_size)),
-            rows_per_rank=tuple(3 + r for r in range(world_size)),
-            receivers=tuple(range(world_size)),
-            dtype=torch.float32,
-        ),
-        Scenario(
-            name="empty step: nobody sends",
-            seed=4,
-            experts_per_rank=(2, *(1 for _ in range(workers))),
-            rows_per_rank=tuple(0 for _ in range(world_size)),
-            receivers=tuple(range(world_size)),
-        ),
+    silent, to_all = (0,) * workers, tuple(range(1, world_size))
+    scenarios = [
+        Scenario(name="one attention rank sends to the workers", seed=1, experts_per_rank=mixserve_experts,
+                 rows_per_rank=(37, *silent), routed_to=tuple(r for r in to_all if r not in idle_worker)),
+        Scenario(name="float32, few rows, two experts a worker", seed=3, experts_per_rank=(0, *(2,) * workers),
+                 rows_per_rank=(9, *silent), routed_to=to_all, dtype=torch.float32),
+        Scenario(name="empty step: nobody sends", seed=4, experts_per_rank=(0, *(1,) * workers),
+                 rows_per_rank=(0, *silent), routed_to=to_all),
     ]
+    if world_size >= 3:  # several attention ranks sharing the workers
+        two = Scenario(name="two attention ranks, uneven", seed=2, sources=2, rows_per_rank=(5, 19, *silent[1:]),
+                       experts_per_rank=(0, 0, *(1 + r % 3 for r in range(2, world_size))),
+                       routed_to=tuple(range(2, world_size)))
+        scenarios += [
+            two,
+            replace(two, name="two attention ranks, the first silent", seed=5, rows_per_rank=(0, 11, *silent[1:])),
+            replace(two, name="two attention ranks, nobody sends", seed=6, rows_per_rank=(0, 0, *silent[1:])),
+        ]
+    if world_size >= 4:
+        scenarios.append(Scenario(name="three attention ranks, one worker, the middle one silent", seed=7, sources=3,
+                                  experts_per_rank=(0, 0, 0, 3), rows_per_rank=(4, 0, 9, 0), routed_to=(3,)))
+    return scenarios
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,8 @@ class RankInput:
 def _make_input(scenario: Scenario, src: int) -> RankInput:
     gen = torch.Generator().manual_seed(100 * scenario.seed + src)
     num_rows = scenario.rows_per_rank[src]
-    receivers = torch.tensor(scenario.receivers, dtype=torch.int64)
-    dest_rank_N = receivers[torch.randint(len(receivers), (num_rows,), generator=gen)]
+    routed_to = torch.tensor(scenario.routed_to, dtype=torch.int64)
+    dest_rank_N = routed_to[torch.randint(len(routed_to), (num_rows,), generator=gen)]
     # Leave the last local expert of ranks with several experts empty, so zero counts show up.
     usable_N = torch.tensor([max(scenario.experts_per_rank[r] - 1, 1) for r in dest_rank_N.tolist()])
     dest_local_expert_N = (torch.rand(num_rows, generator=gen) * usable_N).long()
@@ -115,7 +121,7 @@ def _make_input(scenario: Scenario, src: int) -> RankInput:
 def _expected_received(scenario: Scenario, dst: int) -> tuple[torch.Tensor, list[list[int]]]:
     """Oracle: (x_MD, counts_RE) rank `dst` must receive, by source then local expert."""
     rows, counts = [], []
-    for src in range(len(scenario.rows_per_rank)):
+    for src in range(scenario.num_ranks):
         inp = _make_input(scenario, src)
         mine = [i for i in range(inp.x_ND.shape[0]) if int(inp.dest_rank_N[i]) == dst]
         mine.sort(key=lambda i: int(inp.dest_local_expert_N[i]))  # stable: keeps row order per expert
@@ -124,6 +130,15 @@ def _expected_received(scenario: Scenario, dst: int) -> tuple[torch.Tensor, list
         counts.append([mine_experts.count(j) for j in range(scenario.num_local_experts_max)])
     x_MD = torch.stack(rows) if rows else torch.empty(0, D, dtype=scenario.dtype)
     return x_MD, counts
+
+
+def _expected_sent(scenario: Scenario, src: int) -> tuple[list[int], list[list[int]]]:
+    """Oracle: (permutation_N, send_counts_RE) of source `src`: its rows stably sorted by (rank, local expert)."""
+    inp = _make_input(scenario, src)
+    dests = list(zip(inp.dest_rank_N.tolist(), inp.dest_local_expert_N.tolist(), strict=True))
+    permutation = sorted(range(len(dests)), key=lambda i: dests[i])
+    counts = [[dests.count((r, j)) for j in range(scenario.num_local_experts_max)] for r in range(scenario.num_ranks)]
+    return permutation, counts
 
 
 @contextlib.contextmanager
@@ -148,18 +163,53 @@ def _count_collectives() -> Iterator[dict[str, int]]:
             setattr(dist, name, fn)
 
 
-def _check_dispatch_combine(scenario: Scenario, rank: int, group: dist.ProcessGroup) -> None:
-    where = f"[{scenario.name}] rank {rank}"
+def _only(calls: dict[str, int], all_to_all_single: int) -> dict[str, int]:
+    return {**dict.fromkeys(calls, 0), "all_to_all_single": all_to_all_single}
+
+
+def _send(scenario: Scenario, rank: int, group: dist.ProcessGroup, capacity: int) -> tuple[RankInput, PendingRows]:
+    """A source rank's dispatch and combine, started the way the attention rank starts them."""
     inp = _make_input(scenario, rank)
+    pending = send_from_source(
+        inp.x_ND, inp.dest_rank_N, inp.dest_local_expert_N, group=group,
+        num_local_experts_max=scenario.num_local_experts_max, capacity=capacity, receivers=scenario.receivers,
+    )
+    return inp, pending
+
+
+def _receive(scenario: Scenario, group: dist.ProcessGroup, capacity: int) -> tuple[torch.Tensor, DispatchPlan]:
+    """An expert rank's side of the dispatch, called the way `ExpertRank` calls it: no rows of its own."""
+    no_ids_N = torch.empty(0, dtype=torch.int64)
+    return dispatch_step(
+        torch.empty(0, D, dtype=scenario.dtype), no_ids_N, no_ids_N, group=group,
+        num_local_experts_max=scenario.num_local_experts_max, capacity=capacity, receivers=scenario.receivers,
+    )
+
+
+def _check_dispatch_combine(scenario: Scenario, rank: int, group: dist.ProcessGroup, capacity: int = 0) -> None:
+    """Capacity 0: split sizes, then rows (2 collectives); > 0: counts and rows in one; the combine: 1."""
+    where = f"[{scenario.name}, capacity {capacity}] rank {rank}"
+    dispatch_collectives = 1 if capacity else 2
+    if rank < scenario.sources:
+        with _count_collectives() as calls:
+            inp, pending = _send(scenario, rank, group, capacity)
+        expected_calls = _only(calls, dispatch_collectives + 1)  # both started before any wait
+        assert calls == expected_calls, f"{where}: send_from_source ran {calls}"
+        permutation, send_counts = _expected_sent(scenario, rank)
+        assert pending.plan.permutation_N.tolist() == permutation, f"{where}: {pending.plan.permutation_N}"
+        assert pending.plan.send_counts_RE.tolist() == send_counts, f"{where}: {pending.plan.send_counts_RE}"
+        assert pending.plan.input_splits == tuple(map(sum, send_counts)), f"{where}: {pending.plan.input_splits}"
+        with _count_collectives() as calls:
+            y_ND = pending.wait()
+        assert calls == _only(calls, 0), f"{where}: wait ran {calls}"
+        expected_y_ND = inp.x_ND * 2 + inp.dest_rank_N[:, None].to(scenario.dtype)
+        assert y_ND.dtype == scenario.dtype and y_ND.shape == inp.x_ND.shape, f"{where}: combine {y_ND.shape}"
+        assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
+        return
+
     with _count_collectives() as calls:
-        recv_x_MD, plan = dispatch_rows(
-            inp.x_ND,
-            inp.dest_rank_N,
-            inp.dest_local_expert_N,
-            group=group,
-            num_local_experts_max=scenario.num_local_experts_max,
-        )
-    assert calls == {**dict.fromkeys(calls, 0), "all_to_all_single": 2}, f"{where}: dispatch ran {calls}"
+        recv_x_MD, plan = _receive(scenario, group, capacity)
+    assert calls == _only(calls, dispatch_collectives), f"{where}: dispatch_step ran {calls}"
     expected_x_MD, expected_counts = _expected_received(scenario, rank)
     assert recv_x_MD.dtype == scenario.dtype and recv_x_MD.shape == expected_x_MD.shape, (
         f"{where}: received {recv_x_MD.dtype} {tuple(recv_x_MD.shape)}, expected {tuple(expected_x_MD.shape)}"
@@ -167,17 +217,13 @@ def _check_dispatch_combine(scenario: Scenario, rank: int, group: dist.ProcessGr
     assert torch.equal(recv_x_MD, expected_x_MD), f"{where}: received\n{recv_x_MD}\nexpected\n{expected_x_MD}"
     assert plan.recv_counts_RE.tolist() == expected_counts, f"{where}: recv counts {plan.recv_counts_RE}"
     assert plan.output_splits == tuple(sum(c) for c in expected_counts), f"{where}: {plan.output_splits}"
-    assert plan.input_splits == tuple(
-        int((inp.dest_rank_N == r).sum()) for r in range(len(scenario.rows_per_rank))
-    ), f"{where}: input splits {plan.input_splits}"
+    assert plan.input_splits == (0,) * scenario.num_ranks, f"{where}: input splits {plan.input_splits}"
+    assert plan.permutation_N.numel() == 0 and not plan.send_counts_RE.any(), f"{where}: an expert rank sent rows"
 
     y_MD = recv_x_MD * 2 + rank  # this receiver's "expert"
     with _count_collectives() as calls:
-        y_ND = combine(y_MD, plan, group=group)
-    assert calls == {**dict.fromkeys(calls, 0), "all_to_all_single": 1}, f"{where}: combine ran {calls}"
-    expected_y_ND = inp.x_ND * 2 + inp.dest_rank_N[:, None].to(scenario.dtype)
-    assert y_ND.dtype == scenario.dtype and y_ND.shape == inp.x_ND.shape, f"{where}: combine {y_ND.shape}"
-    assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
+        combine(y_MD, plan, group=group)
+    assert calls == _only(calls, 1), f"{where}: combine ran {calls}"
 
 
 def _local_experts_of(recv_counts_RE: torch.Tensor) -> torch.Tensor:
@@ -191,15 +237,19 @@ def _check_grouped_experts(scenario: Scenario, rank: int, group: dist.ProcessGro
     single source arrive grouped by local expert and `counts_if_grouped` gives their counts (the expert
     rank's path); rows from several sources are not grouped, and it says so."""
     where = f"[{scenario.name}] grouped, rank {rank}"
-    inp = _make_input(scenario, rank)
-    recv_x_MD, plan = dispatch_rows(
-        inp.x_ND, inp.dest_rank_N, inp.dest_local_expert_N, group=group,
-        num_local_experts_max=scenario.num_local_experts_max,
-    )
+    if rank < scenario.sources:
+        inp, pending = _send(scenario, rank, group, capacity=0)
+        y_ND = pending.wait()
+        expected_y_ND = inp.x_ND * 2 + (inp.dest_rank_N * 100 + inp.dest_local_expert_N)[:, None].to(
+            scenario.dtype
+        )
+        assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
+        return
+    recv_x_MD, plan = _receive(scenario, group, capacity=0)
     num_local = scenario.experts_per_rank[rank]
     local_expert_M = _local_experts_of(plan.recv_counts_RE)
     counts_e = counts_if_grouped(plan, num_local_experts=num_local)
-    sources = [src for src in range(len(scenario.rows_per_rank)) if plan.output_splits[src]]
+    sources = [src for src in range(scenario.num_ranks) if plan.output_splits[src]]
     if len(sources) > 1:
         assert counts_e is None, f"{where}: rows from sources {sources} reported grouped as {counts_e}"
         y_MD = recv_x_MD * 2 + (rank * 100 + local_expert_M)[:, None].to(scenario.dtype)
@@ -211,32 +261,51 @@ def _check_grouped_experts(scenario: Scenario, rank: int, group: dist.ProcessGro
         for j, count in enumerate(counts_e):  # one op per local expert over all of its rows
             y_MD[start : start + count] = recv_x_MD[start : start + count] * 2 + rank * 100 + j
             start += count
-    y_ND = combine(y_MD, plan, group=group)
-    expected_y_ND = inp.x_ND * 2 + (inp.dest_rank_N * 100 + inp.dest_local_expert_N)[:, None].to(
-        scenario.dtype
-    )
-    assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
+    combine(y_MD, plan, group=group)
 
 
 def _check_bad_arguments(rank: int, group: dist.ProcessGroup) -> None:
-    """Bad routes and row counts are rejected on the calling rank before any collective (every rank checks
-    its own, then all build one empty plan together for the combine check)."""
-    bad_routes = [
-        ([1, 1, 9], [0, 1, 0], 3, "row 2 is routed to rank 9, local expert 0, outside"),
-        ([1, 1, 1], [0, 4, 0], 3, "row 1 is routed to rank 1, local expert 4"),
-        ([1, 1, 1], [0, -1, 0], 3, "row 1 is routed to rank 1, local expert -1"),
-        ([1, 1], [0, 1, 0], 3, "dest_rank_N has 2 rows but dest_local_expert_N has 3"),
-        ([1, 1, 1], [0, 1, 0], 2, r"x_ND must have shape \[3, D\], got \(2, 4\)"),
-        ([1.0, 1.0], [0, 1], 2, "dest_rank_N must be a 1-D integer tensor"),
+    """Bad routes, row counts and roles are rejected on the calling rank before any collective (every rank
+    checks its own, then all run one empty dispatch together for the combine check)."""
+    world_size = dist.get_world_size(group)
+    receivers = tuple(range(1, world_size))
+    if rank == 0:  # the source
+        bad_routes = [
+            ([1, 1, 9], [0, 1, 0], 3, receivers, "row 2 is routed to rank 9, local expert 0, outside"),
+            ([1, 1, 1], [0, 4, 0], 3, receivers, "row 1 is routed to rank 1, local expert 4"),
+            ([1, 1, 1], [0, -1, 0], 3, receivers, "row 1 is routed to rank 1, local expert -1"),
+            ([1, 1], [0, 1, 0], 3, receivers, "dest_rank_N has 2 rows but dest_local_expert_N has 3"),
+            ([1, 1, 1], [0, 1, 0], 2, receivers, r"x_ND must have shape \[3, D\], got \(2, 4\)"),
+            ([1.0, 1.0], [0, 1], 2, receivers, "dest_rank_N must be a 1-D integer tensor"),
+            ([1, 0], [0, 0], 2, receivers, r"rows are routed to ranks outside the receivers \(1,"),
+            ([1], [0], 1, (0, *receivers), "must be ranks of the group of .* other than 0"),
+            ([1], [0], 1, (), "must be ranks of the group of .* other than 0"),
+        ]
+        for dest_rank, dest_expert, rows, to, message in bad_routes:
+            with pytest.raises(DispatchError, match=message):
+                send_from_source(torch.zeros(rows, D), torch.tensor(dest_rank), torch.tensor(dest_expert),
+                                 group=group, num_local_experts_max=4, capacity=0, receivers=to)
+        nothing = torch.zeros(0, dtype=torch.int64)
+        pending = send_from_source(torch.zeros(0, D), nothing, nothing, group=group, num_local_experts_max=1,
+                                   capacity=0, receivers=receivers)
+        assert pending.wait().shape == (0, D)
+        return
+    no_ids_N, ids_N = torch.zeros(0, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    bad_receives = [
+        (torch.zeros(2, D), ids_N, ids_N, receivers, "an expert rank sends no rows"),
+        (torch.zeros(0, D), ids_N, ids_N, receivers, "an expert rank sends no rows"),
+        (torch.zeros(D), no_ids_N, no_ids_N, receivers, "an expert rank sends no rows"),
+        (torch.zeros(0, D), no_ids_N, no_ids_N, (0,), rf"rank {rank} receives rows but is not among the receivers"),
     ]
-    for dest_rank, dest_expert, rows, message in bad_routes:
+    for x_ND, dest_rank_N, dest_local_expert_N, to, message in bad_receives:
         with pytest.raises(DispatchError, match=message):
-            dispatch_rows(torch.zeros(rows, D), torch.tensor(dest_rank), torch.tensor(dest_expert), group=group,
-                          num_local_experts_max=4)
-    _, plan = dispatch_rows(torch.zeros(0, D), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                            group=group, num_local_experts_max=1)
+            dispatch_step(x_ND, dest_rank_N, dest_local_expert_N, group=group, num_local_experts_max=1, capacity=0,
+                          receivers=to)
+    _, plan = dispatch_step(torch.zeros(0, D), no_ids_N, no_ids_N, group=group, num_local_experts_max=1, capacity=0,
+                            receivers=receivers)
     with pytest.raises(DispatchError, match=rf"y_MD must have shape \[{plan.num_received}, D\]"):
         combine(torch.zeros(plan.num_received + 1, D), plan, group=group)
+    combine(torch.zeros(plan.num_received, D), plan, group=group)
 
 
 def _join(rank: int, world_size: int, port: int, timeout_s: float) -> ProcessGroupHandle:
@@ -294,22 +363,24 @@ def test_dispatch_combine_roundtrip(world_size: int) -> None:
     _spawn(_rank_main, world_size)
 
 
-def _hang_main(rank: int, world_size: int, port: int, released: Event) -> None:
+def _hang_main(rank: int, world_size: int, port: int, stuck: int, released: Event) -> None:
+    """Rank `stuck` never joins the collective; its peer, the attention rank (0) waiting for its rows or the
+    expert rank (1) waiting for its dispatch, raises CollectiveError within the group timeout."""
     handle = _join(rank, world_size, port, HANG_TIMEOUT_S)
-    if rank != 0:
-        released.wait(60)  # a stuck worker: never joins the collective
+    if rank == stuck:
+        released.wait(60)
         return
     try:
         start = time.monotonic()
-        x_ND = torch.zeros(3, D)
-        with pytest.raises(CollectiveError, match=r"all_to_all_single \(split sizes\) failed on rank 0 of 2"):
-            dispatch_rows(
-                x_ND,
-                torch.ones(3, dtype=torch.int64),
-                torch.zeros(3, dtype=torch.int64),
-                group=handle.group,
-                num_local_experts_max=1,
-            )
+        no_ids_N = torch.zeros(0, dtype=torch.int64)
+        if rank == 0:
+            with pytest.raises(CollectiveError, match="asynchronous dispatch/combine failed on rank 0 of 2"):
+                send_from_source(torch.zeros(3, D), torch.ones(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                                 group=handle.group, num_local_experts_max=1, capacity=0, receivers=(1,)).wait()
+        else:
+            with pytest.raises(CollectiveError, match=r"all_to_all_single \(split sizes\) failed on rank 1 of 2"):
+                dispatch_step(torch.zeros(0, D), no_ids_N, no_ids_N, group=handle.group, num_local_experts_max=1,
+                              capacity=0, receivers=(1,))
         elapsed = time.monotonic() - start
         assert elapsed < HANG_TIMEOUT_S + 10, f"timed out after {elapsed:.1f}s, timeout {HANG_TIMEOUT_S}s"
     finally:
@@ -317,9 +388,10 @@ def _hang_main(rank: int, world_size: int, port: int, released: Event) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_stuck_peer_raises_collective_error_within_timeout() -> None:
+@pytest.mark.parametrize("stuck", [1, 0], ids=["stuck expert rank", "stuck attention rank"])
+def test_stuck_peer_raises_collective_error_within_timeout(stuck: int) -> None:
     released = mp.get_context("spawn").Event()
-    _spawn(_hang_main, 2, released)
+    _spawn(_hang_main, 2, stuck, released)
 
 
 @pytest.mark.timeout(30)

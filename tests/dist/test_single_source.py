@@ -1,9 +1,12 @@
-"""dispatch_from_source on real gloo ranks: one collective, and exactly what `dispatch_rows` delivers.
+"""The single-collective dispatch on real gloo ranks: one collective, and exactly what the split-size
+exchange delivers.
 
-Rank 0 sends rank-encoded rows to the expert ranks (one of them idle when there are three); every rank
-runs `dispatch_rows` and `dispatch_from_source` on the same inputs and compares rows and plans, then
-`combine` round-trips with the single-collective plan. The policy (`fixed_capacity_rows`) is pure and only
-the sender runs it: an expert rank takes each step's capacity from the step header, whatever it is.
+Rank 0, the attention rank, sends rank-encoded rows to the expert ranks (one of them idle when there are
+three) with `send_from_source` and a capacity; the expert ranks receive them with `dispatch_step` at the
+same capacity, and each side is checked against the Python oracle of tests/dist/test_dispatch_combine.py
+(the one the split-size path is held to), then `combine` brings the rows back. The policy
+(`fixed_capacity_rows`) is pure and only the sender runs it: an expert rank takes each step's capacity
+from the step header, whatever it is.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from tests.dist.test_dispatch_combine import (
     GROUP_TIMEOUT_S,
     D,
     Scenario,
+    _check_dispatch_combine,
     _count_collectives,
     _join,
-    _make_input,
     _spawn,
 )
-from workers.comm import DispatchError, combine, dispatch_from_source, dispatch_rows, dispatch_step, fixed_capacity_rows
+from workers.comm import DispatchError, dispatch_step, fixed_capacity_rows, send_from_source
 from workers.config import ParallelConfig
 from workers.model.experts import LayerExperts, weight_and_sum
 from workers.model.reference_moe import reference_moe
@@ -40,7 +43,7 @@ def _scenarios(world_size: int) -> list[Scenario]:
     idle_worker = (2,) if world_size >= 4 else ()
     routed_to = tuple(r for r in range(1, world_size) if r not in idle_worker)
     decode = Scenario(name="decode-like", seed=11, experts_per_rank=experts,
-                      rows_per_rank=(64, *(0 for _ in range(workers))), receivers=routed_to)
+                      rows_per_rank=(64, *(0 for _ in range(workers))), routed_to=routed_to)
     return [
         decode,
         replace(decode, name="float32, few rows", seed=12, rows_per_rank=(5, *decode.rows_per_rank[1:]),
@@ -50,30 +53,21 @@ def _scenarios(world_size: int) -> list[Scenario]:
     ]
 
 
-def _check_against_dispatch(scenario: Scenario, rank: int, group: dist.ProcessGroup, capacity: int) -> None:
-    where = f"[{scenario.name}, capacity {capacity}] rank {rank}"
-    inp = _make_input(scenario, rank)
-    receivers = tuple(range(1, dist.get_world_size(group)))
-    args = (inp.x_ND, inp.dest_rank_N, inp.dest_local_expert_N)
-    expected_x, expected_plan = dispatch_rows(*args, group=group, num_local_experts_max=scenario.num_local_experts_max)
-    with _count_collectives() as calls:
-        recv_x, plan = dispatch_from_source(
-            *args, group=group, num_local_experts_max=scenario.num_local_experts_max, capacity=capacity,
-            receivers=receivers,
-        )
-    assert calls == {**dict.fromkeys(calls, 0), "all_to_all_single": 1}, f"{where}: ran {calls}"
-    assert recv_x.dtype == scenario.dtype and torch.equal(recv_x, expected_x), (
-        f"{where}: received\n{recv_x}\nexpected\n{expected_x}"
-    )
-    assert torch.equal(plan.permutation_N, expected_plan.permutation_N), f"{where}: permutation"
-    assert torch.equal(plan.send_counts_RE, expected_plan.send_counts_RE), f"{where}: send counts"
-    assert torch.equal(plan.recv_counts_RE, expected_plan.recv_counts_RE), f"{where}: recv counts"
-    assert (plan.input_splits, plan.output_splits) == (expected_plan.input_splits, expected_plan.output_splits)
-
-    y_MD = recv_x * 2 + rank  # this receiver's "expert"
-    y_ND = combine(y_MD, plan, group=group)
-    expected_y_ND = inp.x_ND * 2 + inp.dest_rank_N[:, None].to(scenario.dtype)
-    assert torch.equal(y_ND, expected_y_ND), f"{where}: combined\n{y_ND}\nexpected\n{expected_y_ND}"
+def _check_rejected(rank: int, group: dist.ProcessGroup) -> None:
+    """Rejected before any collective, so the other ranks need not take part."""
+    world_size = dist.get_world_size(group)
+    no_ids_N = torch.zeros(0, dtype=torch.int64)
+    if rank == 0:
+        with pytest.raises(DispatchError, match="more than the step's capacity of 2"):
+            send_from_source(torch.zeros(3, D), torch.ones(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                             group=group, num_local_experts_max=1, capacity=2, receivers=tuple(range(1, world_size)))
+        with pytest.raises(DispatchError, match="other than 0"):
+            send_from_source(torch.zeros(0, D), no_ids_N, no_ids_N, group=group, num_local_experts_max=1, capacity=2,
+                             receivers=(0, 1))
+    else:  # a receiver told the source is a receiver too
+        with pytest.raises(DispatchError, match="other than 0"):
+            dispatch_step(torch.zeros(0, D), no_ids_N, no_ids_N, group=group, num_local_experts_max=1, capacity=2,
+                          receivers=(0, *range(1, world_size)))
 
 
 def _rank_main(rank: int, world_size: int, port: int) -> None:
@@ -82,16 +76,8 @@ def _rank_main(rank: int, world_size: int, port: int) -> None:
         for scenario in _scenarios(world_size):
             exact = scenario.rows_per_rank[0]
             for capacity in {max(exact, 1), exact + 7}:  # no padding, and padding after the real rows
-                _check_against_dispatch(scenario, rank, handle.group, capacity)
-        if rank == 0:  # rejected before any collective, so the other ranks need not take part
-            with pytest.raises(DispatchError, match="more than the step's capacity of 2"):
-                dispatch_from_source(torch.zeros(3, D), torch.ones(3, dtype=torch.int64),
-                                     torch.zeros(3, dtype=torch.int64), group=handle.group, num_local_experts_max=1,
-                                     capacity=2, receivers=tuple(range(1, world_size)))
-            with pytest.raises(DispatchError, match="other than 0"):
-                dispatch_from_source(torch.zeros(0, D), torch.ones(0, dtype=torch.int64),
-                                     torch.zeros(0, dtype=torch.int64), group=handle.group, num_local_experts_max=1,
-                                     capacity=2, receivers=(0, 1))
+                _check_dispatch_combine(scenario, rank, handle.group, capacity)
+        _check_rejected(rank, handle.group)
     finally:
         handle.destroy()
 
@@ -144,12 +130,12 @@ def _drive_steps(group: dist.ProcessGroup, parallel: ParallelConfig, layers: lis
             x_TD = torch.randn(TOKENS, WIDTH, generator=gen)
             weights_TK, ids_TK = route(x_TD, torch.randn(EXPERTS, WIDTH, generator=gen), TOP_K)
             ids_N = ids_TK.reshape(-1)
-            _, plan = dispatch_step(
+            rows = send_from_source(
                 x_TD.repeat_interleave(TOP_K, dim=0), rank_of_expert_E[ids_N], local_index_E[ids_N], group=group,
                 num_local_experts_max=parallel.max_local_experts, capacity=capacity,
                 receivers=tuple(range(1, parallel.world_size)),
             )
-            y_TD = weight_and_sum(combine(x_TD.new_empty(0, WIDTH), plan, group=group), weights_TK)
+            y_TD = weight_and_sum(rows.wait(), weights_TK)
             torch.testing.assert_close(y_TD, reference_moe(x_TD, weights_TK, ids_TK, experts), rtol=1e-5, atol=1e-5,
                                        msg=lambda m, c=capacity, la=layer: f"capacity {c}, layer {la}: {m}")
     exchange_headers(StepHeader(command=Command.STOP), group=group, device=CPU, num_coordinators=1)

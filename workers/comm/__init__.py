@@ -1,11 +1,15 @@
-"""torch.distributed only: process-group setup and expert-parallel dispatch / combine."""
+"""torch.distributed only: process-group setup and expert-parallel dispatch / combine.
 
-from workers.comm.dispatch import combine, dispatch_rows
+The attention ranks send rows and get them back with `send_from_source`; the expert ranks receive them
+with `dispatch_step` and send them back with `combine`.
+"""
+
+from workers.comm.dispatch import combine
 from workers.comm.errors import CollectiveError, DispatchError, GroupConfigError
 from workers.comm.group import ProcessGroupHandle, create_group, free_port
 from workers.comm.overlap import PendingRows, send_from_source
 from workers.comm.plan import DispatchPlan, counts_if_grouped
-from workers.comm.single_source import dispatch_from_source, dispatch_step, fixed_capacity_rows
+from workers.comm.single_source import dispatch_step, fixed_capacity_rows
 
 __all__ = [
     "CollectiveError",
@@ -17,8 +21,6 @@ __all__ = [
     "combine",
     "counts_if_grouped",
     "create_group",
-    "dispatch_from_source",
-    "dispatch_rows",
     "dispatch_step",
     "fixed_capacity_rows",
     "free_port",

@@ -1,18 +1,17 @@
-"""Expert-parallel token dispatch and combine over `torch.distributed.all_to_all_single`.
+"""The expert ranks' half of expert-parallel dispatch and combine over `torch.distributed.all_to_all_single`.
 
-`dispatch_rows` sends every row to the (rank, local expert) the router chose; `combine` sends the processed
-rows back and restores their original order. Any rank may send rows to any rank, itself included;
-ranks with nothing to send or receive still call both, with zero-row tensors. Collectives per call:
-`dispatch_rows` 2 (split sizes, then rows), `combine` 1 (rows). Steps small enough to pad go through
-`workers.comm.single_source` instead (1 collective); `combine` serves both.
+Only the attention ranks send rows, and each starts its dispatch and the combine that brings the rows back
+in one go (`workers.comm.overlap.send_from_source`). An expert rank sends no rows in the dispatch: it
+receives them (`receive_rows` here when split sizes go first, `workers.comm.single_source` when the counts
+travel with the rows), runs its experts and sends the rows back with `combine`. Collectives per call:
+`receive_rows` 2 (split sizes, then rows), `combine` 1 (rows), whichever way the rows arrived.
 
 The process group is always passed in. Tensors must live on the group's device (CPU for gloo, this
-rank's GPU for NCCL); the device is taken from `x_ND`. This module knows nothing about expert weights
-or about which global expert a local index stands for: that is the placement's business.
+rank's GPU for NCCL); the device is taken from the tensors passed in. This module knows nothing about
+expert weights or about which global expert a local index stands for: that is the placement's business.
 
 Shape legend:
     D  model dim
-    N  rows this rank sends (T tokens * K top-k)
     M  rows this rank receives
     R  ranks in the group
     e  local experts on one rank; e_max the maximum over ranks
@@ -24,87 +23,48 @@ import torch
 import torch.distributed as dist
 
 from workers.comm.errors import CollectiveError, DispatchError
-from workers.comm.plan import DispatchPlan, plan_sends, unpermute
+from workers.comm.plan import DispatchPlan, receiver_plan
 
 
-def exchange_counts(send_counts_RE: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
-    """The split-size exchange: one `all_to_all_single` over the flattened [R * e_max] counts.
-
-    `send_counts_RE[r, j]` rows go from this rank to local expert j of rank r; the result's
-    `[s, j]` entry is how many rows source rank s sends to local expert j of this rank.
-    """
-    num_ranks = dist.get_world_size(group)
-    if send_counts_RE.dim() != 2 or send_counts_RE.shape[0] != num_ranks:
-        raise DispatchError(
-            f"send_counts_RE must have shape [R={num_ranks}, e_max], got {tuple(send_counts_RE.shape)}"
-        )
-    send_flat = send_counts_RE.to(torch.int64).contiguous().view(-1)  # [R * e_max]
-    recv_flat = torch.empty_like(send_flat)  # [R * e_max]
-    _all_to_all(recv_flat, send_flat, group=group, what="split sizes")
-    return recv_flat.view(send_counts_RE.shape)  # [R, e_max]
-
-
-def dispatch_rows(
-    x_ND: torch.Tensor,
-    dest_rank_N: torch.Tensor,
-    dest_local_expert_N: torch.Tensor,
-    *,
-    group: dist.ProcessGroup,
-    num_local_experts_max: int,
+def receive_rows(
+    nothing_0D: torch.Tensor, *, group: dist.ProcessGroup, num_local_experts_max: int
 ) -> tuple[torch.Tensor, DispatchPlan]:
-    """Returns (recv_x_MD, plan): rows received are ordered by source rank, then by local expert; rows from
-    one source for one expert keep the order they had in that source's `x_ND`. Each received row's local
-    expert follows from `plan.recv_counts_RE` (the expert rank reads its per-expert counts there)."""
-    _check_device("x_ND", x_ND, group)
-    device = x_ND.device
-    permutation_N, send_counts_RE = plan_sends(
-        dest_rank_N.to(device),
-        dest_local_expert_N.to(device),
-        num_ranks=dist.get_world_size(group),
-        num_local_experts_max=num_local_experts_max,
-    )
-    _check_rows("x_ND", x_ND, permutation_N.shape[0])
-    recv_counts_RE = exchange_counts(send_counts_RE, group=group)
-    input_splits, output_splits = torch.stack([send_counts_RE.sum(1), recv_counts_RE.sum(1)]).tolist()
-    plan = DispatchPlan(
-        permutation_N=permutation_N,
-        send_counts_RE=send_counts_RE,
-        recv_counts_RE=recv_counts_RE,
-        input_splits=tuple(input_splits),
-        output_splits=tuple(output_splits),
-    )
-    recv_x_MD = x_ND.new_empty((plan.num_received, x_ND.shape[1]))
-    _all_to_all(
-        recv_x_MD,
-        x_ND[permutation_N],
-        output_splits=plan.output_splits,
-        input_splits=plan.input_splits,
-        group=group,
-        what="dispatch rows",
-    )
+    """Returns (recv_x_MD, plan) after the split-size exchange, in which this rank sends zero counts.
+
+    `nothing_0D` (no rows) gives D, dtype and device; `dispatch_step` has checked it. Rows arrive ordered by
+    source rank, then by local expert; rows from one source for one expert keep the order they had at that
+    source. The rows per (source, local expert) are `plan.recv_counts_RE` (the expert rank reads its
+    per-expert counts there)."""
+    num_ranks = dist.get_world_size(group)
+    nothing_RE = torch.zeros(num_ranks, num_local_experts_max, dtype=torch.int64, device=nothing_0D.device)
+    recv_counts_RE = torch.empty_like(nothing_RE)  # [R, e_max]: the split sizes, per local expert
+    _all_to_all(recv_counts_RE.view(-1), nothing_RE.view(-1), group=group, what="split sizes")
+    plan = receiver_plan(recv_counts_RE)
+    recv_x_MD = nothing_0D.new_empty((plan.num_received, nothing_0D.shape[1]))
+    _all_to_all(recv_x_MD, nothing_0D, output_splits=plan.output_splits, input_splits=plan.input_splits,
+                group=group, what="dispatch rows")
     return recv_x_MD, plan
 
 
-def combine(y_MD: torch.Tensor, plan: DispatchPlan, *, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sends processed rows back to where they came from; returns y_ND in the original order of x_ND.
+def combine(y_MD: torch.Tensor, plan: DispatchPlan, *, group: dist.ProcessGroup) -> None:
+    """Sends an expert rank's processed rows back to the ranks they came from.
 
-    `y_MD` must be in the order the rows were received.
-    """
+    `y_MD` must be in the order the rows were received. The attention ranks' side of this collective is
+    the combine `send_from_source` started with their dispatch."""
     _check_rows("y_MD", y_MD, plan.num_received)
     _check_device("y_MD", y_MD, group)
     num_ranks = dist.get_world_size(group)
     if num_ranks != plan.num_ranks:
         raise DispatchError(f"plan was made for {plan.num_ranks} ranks but the group has {num_ranks}")
-    sorted_y_ND = y_MD.new_empty((plan.num_sent, y_MD.shape[1]))
+    assert plan.num_sent == 0, f"combine runs on a rank that received rows, not one that sent {plan.num_sent}"
     _all_to_all(
-        sorted_y_ND,
+        y_MD.new_empty((0, y_MD.shape[1])),
         y_MD.contiguous(),
         output_splits=plan.input_splits,
         input_splits=plan.output_splits,
         group=group,
         what="combine rows",
     )
-    return unpermute(sorted_y_ND, plan.permutation_N.to(y_MD.device))
 
 
 def _check_rows(name: str, rows: torch.Tensor, expected: int) -> None:

@@ -5,9 +5,9 @@ split of both collectives as soon as it has routed: the rows it sends each rank 
 back to it in the combine. `send_from_source` therefore starts the dispatch (one collective, or split sizes
 then rows) and the combine at once as asynchronous collectives (`async_op=True`) and returns a
 `PendingRows`; the attention rank computes the next micro-batch's attention while the experts work, and
-calls `wait()` only when it needs the rows back. The expert ranks run the blocking `dispatch_step` /
-`combine` unchanged; the collectives pair up because every rank issues them in the same order (gloo and
-NCCL match collectives by issue order, not by completion).
+calls `wait()` only when it needs the rows back. The expert ranks run their halves blocking
+(`dispatch_step`, then `combine`); the collectives pair up because every rank issues them in the same order
+(gloo and NCCL match collectives by issue order, not by completion).
 
 Host syncs: the rows per receiving rank (`.tolist()`), which the collectives' split sizes need.
 

@@ -1,7 +1,8 @@
 """Routing bookkeeping for expert-parallel dispatch: the frozen `DispatchPlan` and the sorts behind it.
 
 Pure tensor math, no collectives: this module decides the order rows travel in and how many go where;
-`workers.comm.dispatch` and `workers.comm.single_source` move them. It knows nothing about experts'
+`workers.comm.overlap` sends them (the attention ranks), `workers.comm.dispatch` and
+`workers.comm.single_source` receive them and send them back (the expert ranks). It knows nothing about experts'
 weights or about which global expert a local index stands for.
 
 Shape legend:
@@ -59,6 +60,18 @@ def plan_sends(
     permutation_N = torch.argsort(key_N, stable=True)  # [N]
     send_counts_RE = torch.bincount(key_N, minlength=num_ranks * num_local_experts_max)
     return permutation_N, send_counts_RE.view(num_ranks, num_local_experts_max)
+
+
+def receiver_plan(recv_counts_RE: torch.Tensor) -> DispatchPlan:
+    """The plan of a rank that sends no rows and received recv_counts_RE[s, j] rows from source rank s for
+    its local expert j: an expert rank's, whichever way its rows arrived."""
+    return DispatchPlan(
+        permutation_N=torch.empty(0, dtype=torch.int64, device=recv_counts_RE.device),
+        send_counts_RE=torch.zeros_like(recv_counts_RE),
+        recv_counts_RE=recv_counts_RE,
+        input_splits=(0,) * recv_counts_RE.shape[0],
+        output_splits=tuple(recv_counts_RE.sum(1).tolist()),
+    )
 
 
 def check_destinations(
