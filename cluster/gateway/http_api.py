@@ -3,7 +3,8 @@
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true`: server-sent events
 ending in `data: [DONE]`) and an open `GET /health`. Requests go through what gRPC requests go through: the
 same validation (`validate_request`, after `openai_schema` turned the body into a `GenerateRequest`), the same
-`EngineClient`, API keys (`Authorization: Bearer`, compared as security.py does) and metrics (`api="http"`).
+run through the engine (`generation_run.GenerationRun`: submit, detokenize, end, metrics with `api="http"`, the
+access log) and API keys (`Authorization: Bearer`, compared as security.py does).
 Errors are OpenAI error objects: 400 naming the parameter, 401, 404 (an unknown model), 413, 429, 503.
 A client that disconnects aborts its request in the engine, as a cancelled gRPC call does.
 
@@ -26,10 +27,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from cluster.errors import InvalidRequest, Overloaded, WorkerUnavailable
+from cluster.errors import InvalidRequest, Overloaded
 from cluster.gateway import openai_schema as oa
 from cluster.gateway.engine_client import EngineClient
-from cluster.gateway.http_generation import HttpGeneration, Piece
+from cluster.gateway.generation_run import SUBMIT_ERRORS, GenerationRun, Piece, RequestLost
 from cluster.gateway.openai_schema import OpenAIError
 from cluster.gateway.security import INVALID_KEY, bearer_token, matches_any
 from cluster.gateway.validation import RequestLimits, ValidatedRequest, validate_request
@@ -37,6 +38,7 @@ from cluster.tokenizer import TextTokenizer
 from workers.config import ModelConfig
 
 log = logging.getLogger(__name__)
+API = "http"  # the `api` label of mixserve_requests_total
 MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
 _CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED",
           503: "UNAVAILABLE"}  # HTTP status → the gRPC status name counted in mixserve_requests_total
@@ -87,7 +89,7 @@ class OpenAIApp:
     # the generation path -------------------------------------------------------------------------------
     async def _generate(self, request: Request, parse: Callable[[object], oa.ParsedRequest]) -> Response:
         self._authorize(request)
-        generation = HttpGeneration(self.client, self.tokenizer)  # its trace starts the request's clock
+        generation = GenerationRun(self.client, self.tokenizer, api=API)  # its trace starts the request's clock
         try:
             parsed = parse(await self._json(request))
             self._check_model(parsed.model)
@@ -96,11 +98,11 @@ class OpenAIApp:
                 raise OpenAIError(503, "an expert worker is down; retry later", type_="service_unavailable")
         except OpenAIError as exc:
             if exc.status in _CODES:
-                self.metrics.count_request(finish_reason="error", code=_CODES[exc.status], api="http")
+                self.metrics.count_request(finish_reason="error", code=_CODES[exc.status], api=API)
             raise
         try:
             await generation.start(validated)
-        except (InvalidRequest, Overloaded, WorkerUnavailable) as exc:
+        except SUBMIT_ERRORS as exc:
             raise _typed_error(exc, parsed) from None
         return EngineResponse(generation, parsed, self.model_id, validated.request_id)
 
@@ -148,7 +150,7 @@ class EngineResponse(Response):
     """Streams (or collects) a started generation and always ends it: on a disconnect, an error or the end,
     `generation.close()` frees the engine's cache and records the metrics."""
 
-    def __init__(self, generation: HttpGeneration, parsed: oa.ParsedRequest, model: str, request_id: str) -> None:
+    def __init__(self, generation: GenerationRun, parsed: oa.ParsedRequest, model: str, request_id: str) -> None:
         self.generation, self.parsed = generation, parsed
         self.ids = {"request_id": request_id, "model": model, "created": oa.now()}
         self.status_code = 200
@@ -166,7 +168,7 @@ class EngineResponse(Response):
         try:
             async for piece in self.generation.pieces():
                 pieces.append(piece)
-        except WorkerUnavailable as exc:
+        except RequestLost as exc:
             await _send_json(send, 503, _unavailable(exc).body())
             return
         await _send_json(send, 200, self._render(_join(pieces), chunk=False))
@@ -180,7 +182,7 @@ class EngineResponse(Response):
                 if piece.text or piece.reason or piece.logprobs or first:
                     await _send_event(send, self._render(piece, chunk=True, first=first))
                     first = False
-        except WorkerUnavailable as exc:
+        except RequestLost as exc:
             await _send_event(send, _unavailable(exc).body())
         else:
             if self.parsed.include_usage:
@@ -190,15 +192,21 @@ class EngineResponse(Response):
     def _render(self, piece: Piece, *, chunk: bool, first: bool = False) -> dict[str, Any]:
         reason = oa.finish_reason(piece.reason)
         final_usage = None if chunk else self._usage()
+        want_logprobs = self.parsed.request.sampling.logprobs
+        tokens = self._token_texts(piece.token_ids) if want_logprobs else ()
         if self.parsed.kind == "chat":
-            logprobs = oa.chat_logprobs(piece.tokens, piece.logprobs) if self.parsed.request.sampling.logprobs else None
+            logprobs = oa.chat_logprobs(tokens, piece.logprobs) if want_logprobs else None
             text = piece.text if (piece.text or not chunk or first) else None
             return oa.chat_object(text=text, reason=reason, logprobs=logprobs, chunk=chunk, first=first,
                                   usage_=final_usage, **self.ids)
-        logprobs = (oa.completion_logprobs(piece.tokens, piece.logprobs, piece.offset)
-                    if self.parsed.request.sampling.logprobs else None)
+        logprobs = oa.completion_logprobs(tokens, piece.logprobs, piece.offset) if want_logprobs else None
         return oa.completion_object(text=piece.text, reason=reason, logprobs=logprobs, chunk=chunk,
                                     usage_=final_usage, **self.ids)
+
+    def _token_texts(self, token_ids: tuple[int, ...]) -> tuple[str, ...]:
+        """Each token as text, as OpenAI's log probabilities name them."""
+        tokenizer = self.generation.tokenizer
+        return tuple(tokenizer.decode([t]) if tokenizer is not None else "" for t in token_ids)
 
     def _usage(self) -> dict[str, int]:
         trace = self.generation.trace
@@ -206,7 +214,7 @@ class EngineResponse(Response):
 
 
 def _join(pieces: list[Piece]) -> Piece:
-    return Piece(text="".join(p.text for p in pieces), tokens=tuple(t for p in pieces for t in p.tokens),
+    return Piece(text="".join(p.text for p in pieces), token_ids=tuple(t for p in pieces for t in p.token_ids),
                  logprobs=tuple(lp for p in pieces for lp in p.logprobs),
                  reason=next((p.reason for p in reversed(pieces) if p.reason), ""), offset=0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cluster.gateway.service import _coalesce, _push_until_stop
+from cluster.gateway.generation_run import _coalesce, _push_until_stop
 from cluster.gateway.text_stream import TextStream
 from cluster.requests import SequenceUpdate
 from cluster.tokenizer import TextTokenizer
