@@ -1,5 +1,6 @@
 """`mixserve serve`: start the Ray engine (coordinator + expert workers) and the gRPC gateway, serve until
-SIGTERM, then drain and shut everything down."""
+SIGTERM, then drain and shut everything down. Its first line of output is its own ("mixserve: starting ..."),
+printed before Ray starts; ray_session.py quiets what Ray says while it starts."""
 
 from __future__ import annotations
 
@@ -35,5 +36,7 @@ async def _serve(engine: RayExpertParallelEngine, options: GatewayOptions) -> No
 
 def serve(settings: EngineSettings, cluster: ClusterOptions, scheduler: SchedulerConfig, options: GatewayOptions,
           ray_address: str | None) -> None:
+    where = f"the Ray cluster at {ray_address}" if ray_address else "a new local Ray cluster"
+    print(f"mixserve: starting {settings.model_dir} with {cluster.num_workers} expert workers on {where}", flush=True)
     with ray_session(ray_address, cluster.num_workers), RayExpertParallelEngine(settings, cluster, scheduler) as engine:
         asyncio.run(_serve(engine, options))

@@ -1,5 +1,5 @@
-"""`mixserve serve` as a process: the client command streams from it, and SIGTERM drains an in-flight
-stream before exiting."""
+"""`mixserve serve` as a process: its first line of output is its own, the client command streams from it, and
+SIGTERM drains an in-flight stream before exiting; Ray's token authentication stays on behind quiet start-up."""
 
 from __future__ import annotations
 
@@ -72,9 +72,27 @@ def test_client_streams_then_sigterm_drains_in_flight_stream(served_model):
         assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 150
         assert rest[-1].finish_reason == "length"
         assert proc.wait(timeout=60) == 0
+        output = proc.stdout.read()
+        assert output.startswith("mixserve: starting "), output[:500]  # before anything Ray prints
+        assert "Token authentication" not in output, output[:1000]
         access = re.findall(r"INFO mixserve\.access: grpc '[0-9a-f]+' OK finish=length prompt=(\d+) completion=(\d+) "
-                            r"ttft=[0-9.]+s total=[0-9.]+s", proc.stdout.read())
+                            r"ttft=[0-9.]+s total=[0-9.]+s", output)
         assert ("3", "150") in access and any(c == "8" for _, c in access), access  # one line per request
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_local_ray_session_keeps_token_authentication_and_says_nothing():
+    """ray_session quiets Ray's start-up notices (among them the one saying token authentication is on) without
+    turning token authentication off: a fresh local cluster started with RAY_AUTH_MODE unset is in token mode."""
+    script = ("from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+              "from cluster.ray_session import ray_session\n"
+              "with ray_session(None, 1):\n"
+              "    print('token mode:', get_authentication_mode() == AuthenticationMode.TOKEN, flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | {"PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "token mode: True\n", run.stdout
+    assert "Token authentication" not in run.stderr and "Started a local Ray instance" not in run.stderr, run.stderr
