@@ -204,6 +204,28 @@ def serve_args(r: Render) -> dict[str, str]:
     return dict((*w.removeprefix("--").split("=", 1), "")[:2] for w in words[1:])
 
 
+def head_slots(r: Render) -> int:
+    """Ray bundles the head offers: ray start --num-cpus, on CUDA at most --num-gpus (one GPU per bundle)."""
+    if r.of_kind("RayCluster"):
+        params = r.of_kind("RayCluster")[0]["spec"]["headGroupSpec"]["rayStartParams"]
+        cpus, gpus = int(params["num-cpus"]), int(params["num-gpus"])
+    else:
+        start = re.search(r"^ray start --head .*--num-cpus=(\d+) --num-gpus=(\d+)$", head_container(r)["args"][0], re.M)
+        cpus, gpus = int(start.group(1)), int(start.group(2))
+    return min(cpus, gpus) if serve_args(r)["device"] == "cuda" else cpus
+
+
+def worker_slots(r: Render) -> int:
+    """Ray bundles the worker pods offer (ray start --num-cpus), summed over the replicas."""
+    for rc in r.of_kind("RayCluster"):
+        return sum(int(g["rayStartParams"]["num-cpus"]) * g["replicas"] for g in rc["spec"]["workerGroupSpecs"])
+    total = 0
+    for sts in r.of_kind("StatefulSet"):
+        script = sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        total += int(re.search(r"--num-cpus=(\d+)", script).group(1)) * sts["spec"]["replicas"]
+    return total
+
+
 def containers(pod_spec: dict) -> list[dict]:
     return pod_spec.get("initContainers", []) + pod_spec["containers"]
 

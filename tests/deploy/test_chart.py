@@ -14,10 +14,10 @@ from tests.deploy.helpers import (
     CRD_KINDS,
     NAMESPACE,
     RELEASE,
-    Render,
     containers,
     fullname,
     head_container,
+    head_slots,
     head_template,
     helm_lint,
     helm_template,
@@ -29,6 +29,7 @@ from tests.deploy.helpers import (
     serve_args,
     service_selects,
     validate_kubernetes,
+    worker_slots,
     worker_templates,
 )
 
@@ -170,20 +171,11 @@ def test_serve_command_line(values_file):
     assert args["http-port"] == "8000" and "no-http" not in args
     assert args["ray-address"] == "auto"
     assert args["device"] in {"cuda", "cpu"} and int(args["workers"]) >= 1
+    assert args["coordinators"] == "1", "every value set keeps the default, rendered like --workers"
     assert args["placement"] in {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"}
-    # the worker pods offer a Ray bundle per expert worker, the head one for the coordinator
-    assert _worker_slots(r) >= int(args["workers"]), (_worker_slots(r), args["workers"])
-
-
-def _worker_slots(r: Render) -> int:
-    """Ray bundles the worker pods offer (ray start --num-cpus), summed over the replicas."""
-    for rc in r.of_kind("RayCluster"):
-        return sum(int(g["rayStartParams"]["num-cpus"]) * g["replicas"] for g in rc["spec"]["workerGroupSpecs"])
-    total = 0
-    for sts in r.of_kind("StatefulSet"):
-        script = sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
-        total += int(re.search(r"--num-cpus=(\d+)", script).group(1)) * sts["spec"]["replicas"]
-    return total
+    # one Ray bundle per rank (coordinators + expert workers), from the head and the worker pods together
+    ranks = int(args["workers"]) + int(args["coordinators"])
+    assert head_slots(r) + worker_slots(r) >= ranks, (head_slots(r), worker_slots(r), ranks)
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
@@ -257,7 +249,7 @@ def test_defaults_single_node_gpu_plain_workloads():
     assert re.search(start, worker["args"][0], re.M), worker["args"][0]
     assert worker["readinessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": 52365}
     args = serve_args(r)
-    assert args["device"] == "cuda" and args["workers"] == "2"
+    assert args["device"] == "cuda" and args["workers"] == "2" and args["coordinators"] == "1"
     assert args["model"] == "/opt/mixserve/models/mixserve-tiny"
     # workers join the head's GCS before the gateway is ready: the head Service must publish not-ready pods
     head_service = r.get("Service", f"{fullname()}-head")
@@ -376,7 +368,10 @@ def test_http_api_off_serves_grpc_only():
 # ------------------------------------------------------------------ values the chart must refuse
 
 REFUSED = [
-    (["--set", "serve.expertWorkers=5"], "need 6 Ray bundles"),
+    (["--set", "serve.expertWorkers=5"], "serve.expertWorkers (5) + serve.coordinators (1) need 6 Ray bundles"),
+    (["--set", "serve.coordinators=2"], "serve.expertWorkers (2) + serve.coordinators (2) need 4 Ray bundles with "
+                                        "one GPU each, but the head and worker groups offer only 3"),
+    (["--set", "serve.coordinators=0"], "serve/coordinators"),
     (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"], "not both"),
     (["--set", "model.download.enabled=true", "--set", "model.download.repoId=x/y"], "needs a volume"),
     (["--set", "model.source=pvc", "--set", "model.download.enabled=true"], "needs model.download.repoId"),
@@ -412,3 +407,4 @@ def test_notes_render(values_file, tmp_path):
     assert f"port-forward svc/{fullname()} 8000:8000" in text and "localhost:8000/v1/models" in text, text
     assert "mixserve.v1.MixServe/Generate" in text and "grpc.health.v1.Health/Check" in text
     assert "expert workers:" in text and "<no value>" not in text, text
+    assert "  coordinators:    1, each with its own scheduler and " in text, text

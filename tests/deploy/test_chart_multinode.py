@@ -1,6 +1,6 @@
 """What multi-node NCCL needs from the Helm chart (rdma.*, hostNetwork, nccl.env): RDMA devices requested and
 IPC_LOCK added on the rank pods only, host networking with cluster DNS, the user's NCCL_* settings in every
-Ray container, and expert workers counted across worker groups. All of it off by default."""
+Ray container, and ranks (expert workers, coordinators) counted across worker groups. All of it off by default."""
 
 from __future__ import annotations
 
@@ -152,6 +152,21 @@ def test_a_head_without_gpus_runs_no_rank_and_gets_no_rdma():
     assert RDMA not in str(head["resources"]) and "add" not in capabilities(head)
     (worker,) = ray_containers(worker_templates(r)[0])
     assert resources(worker)[1][RDMA] == 1 and capabilities(worker)["add"] == ["IPC_LOCK"]
+
+
+def test_coordinators_on_worker_pods_get_the_network_there():
+    """With head.gpus 0 every coordinator takes a worker pod's bundle: the workers carry 2 + 2 ranks."""
+    group = 'workerGroups=[{"name":"gpu","replicas":1,"expertWorkersPerPod":4,"gpusPerPod":4}]'
+    r = render(None, *RDMA_ON, "--set", "head.gpus=0", "--set", "serve.coordinators=2", "--set-json", group)
+    assert serve_args(r)["coordinators"] == "2" and serve_args(r)["workers"] == "2"
+    head = head_container(r)
+    assert RDMA not in str(head["resources"]) and GPU not in str(head["resources"])
+    (worker,) = ray_containers(worker_templates(r)[0])
+    assert resources(worker)[1][GPU] == 4 and resources(worker)[1][RDMA] == 1
+    assert capabilities(worker)["add"] == ["IPC_LOCK"]
+    proc = helm_template(None, "--set", "head.gpus=0", "--set", "serve.coordinators=3", "--set-json", group,
+                         check=False)
+    assert proc.returncode != 0 and "need 5 Ray bundles" in proc.stderr and "offer only 4" in proc.stderr
 
 
 def test_user_added_capabilities_are_kept():

@@ -61,7 +61,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mixserve
 {{- end }}
 
-{{/* Pod selector of the head pod (gateway + coordinator). */}}
+{{/* Pod selector of the head pod (gateway + coordinators). */}}
 {{- define "mixserve.headSelectorLabels" -}}
 {{ include "mixserve.selectorLabels" . }}
 app.kubernetes.io/component: head
@@ -94,7 +94,8 @@ mixserve/worker-group: {{ .group.name }}
 {{- end }}
 {{- end }}
 
-{{/* Checks that the worker groups can hold the expert-parallel group; fails the render otherwise. */}}
+{{/* Checks that the head and worker groups can hold the expert-parallel group (serve.expertWorkers +
+     serve.coordinators ranks, one Ray bundle each); fails the render otherwise. */}}
 {{- define "mixserve.validate" -}}
 {{- $cuda := eq .Values.serve.device "cuda" }}
 {{- /* every rank is a Ray bundle {CPU: 1} (+ {GPU: 1} on CUDA) */}}
@@ -105,9 +106,13 @@ mixserve/worker-group: {{ .group.name }}
 {{- fail (printf "workerGroups[%s]: gpusPerPod (%d) must be >= expertWorkersPerPod (%d) on CUDA: each expert worker takes one GPU" .name (int .gpusPerPod) (int .expertWorkersPerPod)) }}
 {{- end }}
 {{- end }}
-{{- $ranks := add (int .Values.serve.expertWorkers) 1 }}
+{{- $coordinators := int .Values.serve.coordinators }}
+{{- if and (gt $coordinators 1) (lt (int .Values.serve.expertWorkers) 1) }}
+{{- fail (printf "serve.coordinators (%d) > 1 needs serve.expertWorkers >= 1, got %d: the coordinators share the experts of the expert workers" $coordinators (int .Values.serve.expertWorkers)) }}
+{{- end }}
+{{- $ranks := add (int .Values.serve.expertWorkers) $coordinators }}
 {{- if lt (int $slots) (int $ranks) }}
-{{- fail (printf "serve.expertWorkers (%d) + 1 coordinator need %d Ray bundles%s, but the head and worker groups offer only %d (head: min(raySlots, gpus) on CUDA; workers: replicas * expertWorkersPerPod)" (int .Values.serve.expertWorkers) (int $ranks) (ternary " with one GPU each" "" $cuda) (int $slots)) }}
+{{- fail (printf "serve.expertWorkers (%d) + serve.coordinators (%d) need %d Ray bundles%s, but the head and worker groups offer only %d (head: min(raySlots, gpus) on CUDA; workers: replicas * expertWorkersPerPod)" (int .Values.serve.expertWorkers) $coordinators (int $ranks) (ternary " with one GPU each" "" $cuda) (int $slots)) }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "enable metrics.serviceMonitor or metrics.podMonitor, not both: each would scrape the gateway once more" }}
@@ -169,6 +174,7 @@ mixserve/worker-group: {{ .group.name }}
 - serve
 - {{ printf "--model=%s" (include "mixserve.modelDir" .) | quote }}
 - --workers={{ int .Values.serve.expertWorkers }}
+- --coordinators={{ int .Values.serve.coordinators }}
 - --host=0.0.0.0
 - --port={{ int .Values.serve.grpcPort }}
 - --metrics-host=0.0.0.0

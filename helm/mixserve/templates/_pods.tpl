@@ -16,7 +16,7 @@ dnsPolicy: ClusterFirstWithHostNet
 {{- end }}
 {{- end }}
 
-{{/* The head pod: ray start --head, then `mixserve serve` (gateway + coordinator) in the foreground. */}}
+{{/* The head pod: ray start --head, then `mixserve serve` (gateway + coordinators) in the foreground. */}}
 {{- define "mixserve.headPodSpec" -}}
 {{- $h := .Values.head }}
 {{- include "mixserve.commonPodSpec" . }}
