@@ -6,9 +6,10 @@ update channel (cluster.update_channel); updates made while no one subscribes wa
 subscriber. A lost subscriber aborts every request in flight: no one is left to read them.
 
 When idle the loop sends a keepalive so expert ranks blocked on the next step header stay inside the
-collective timeout. A failed step (a dead worker, a timed-out collective) ends every in-flight request
-with an error update and fails later submissions with WorkerUnavailable: never a hang, never a silent
-wrong answer.
+collective timeout. With several coordinators the keepalive also joins a peer's step (with nothing to send)
+and says so; the loop then gathers again at once rather than after the interval. A failed step (a dead
+worker, a timed-out collective) ends every in-flight request with an error update and fails later
+submissions with WorkerUnavailable: never a hang, never a silent wrong answer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 class EngineLoop:
     def __init__(
-        self, engine: LLMEngine, *, keepalive: Callable[[], None] | None = None, keepalive_interval_s: float = 2.0
+        self, engine: LLMEngine, *, keepalive: Callable[[], bool] | None = None, keepalive_interval_s: float = 2.0
     ) -> None:
         self.engine = engine
         self.max_waiting = engine.scheduler.config.max_waiting
@@ -101,9 +102,10 @@ class EngineLoop:
 
     def _run(self) -> None:
         last_collective = time.monotonic()
+        peer_stepping = False  # the last keepalive joined a peer coordinator's step: it may step again at once
         while True:
             with self._cond:
-                self._cond.wait_for(self._has_input, timeout=self.keepalive_interval_s)
+                self._cond.wait_for(self._has_input, timeout=0.0 if peer_stepping else self.keepalive_interval_s)
                 if self._stopping:
                     self.close_publisher()
                     return
@@ -113,9 +115,10 @@ class EngineLoop:
             try:
                 if self.engine.has_work():
                     updates += self.engine.step()
-                    last_collective = time.monotonic()
-                elif self.keepalive and time.monotonic() - last_collective >= self.keepalive_interval_s:
-                    self.keepalive()
+                    last_collective, peer_stepping = time.monotonic(), False
+                elif self.keepalive and (peer_stepping or
+                                         time.monotonic() - last_collective >= self.keepalive_interval_s):
+                    peer_stepping = self.keepalive()
                     last_collective = time.monotonic()
             except Exception as exc:  # a worker died or a collective timed out
                 self._fail(updates, f"expert-parallel step failed: {exc}")

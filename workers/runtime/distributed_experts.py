@@ -77,11 +77,13 @@ class DistributedExperts:
         self.capacities = tuple(plan.capacity(i) for i in range(plan.micro_batches))
         return plan.micro_batches
 
-    def keepalive(self) -> None:
-        """Idle: keeps the group inside its collective timeout, and joins any step a peer coordinator runs."""
+    def keepalive(self) -> bool:
+        """Idle: keeps the group inside its collective timeout, and joins any step a peer coordinator runs;
+        returns whether it did (the peer may well step again next)."""
         plan = self._exchange(StepHeader(command=Command.KEEPALIVE))
         if plan.command is Command.STEP:
             self._empty_step(plan)
+        return plan.command is Command.STEP
 
     def stop(self) -> None:
         """Tells the expert ranks to stop once every coordinator has (joining its peers' steps until then)."""

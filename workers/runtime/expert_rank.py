@@ -27,7 +27,7 @@ from workers.runtime.timing import StepTimings
 class ExpertRank:
     def __init__(
         self, shard: ExpertShard, *, group: dist.ProcessGroup, device: torch.device, max_local_experts: int,
-        hidden_size: int, num_coordinators: int = 1,
+        hidden_size: int, num_coordinators: int,
     ) -> None:
         self.shard = shard
         self.group = group
