@@ -1,5 +1,6 @@
 """Ray actors: ExpertWorker holds one worker's experts and runs the expert rank loop; Coordinator holds
-the dense weights and the engine (the attention rank, rank 0 of the expert-parallel group).
+the dense weights and an engine (an attention rank: rank `index` of the expert-parallel group, whose first
+num_coordinators ranks are coordinators).
 
 Lifecycle: cheap __init__ (applies the rank's CPU share, cluster.cpu_tuning), load() reads weights, then
 all ranks at once form the process group: the workers' join_group() and run(), the coordinator's start()
@@ -100,7 +101,8 @@ class ExpertWorker:
         assert self.shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
         try:
             self.group = create_group(
-                backend=self.settings.backend, init_method=init_method, rank=self.worker_index + 1,
+                backend=self.settings.backend, init_method=init_method,
+                rank=parallel.num_coordinators + self.worker_index,
                 world_size=parallel.world_size, timeout_s=self.settings.collective_timeout_s,
                 device=_device(self.settings),
             )
@@ -108,7 +110,7 @@ class ExpertWorker:
             raise WorkerStartError(f"{self.name} could not join the group at {init_method}: {exc}") from exc
         self.rank = ExpertRank(
             self.shard, group=self.group.group, device=self.group.device, max_local_experts=parallel.max_local_experts,
-            hidden_size=self.cfg.hidden_size,
+            hidden_size=self.cfg.hidden_size, num_coordinators=parallel.num_coordinators,
         )
 
     def run(self) -> int:
@@ -134,14 +136,22 @@ class ExpertWorker:
                 "rows_per_local_expert": self.rank.rows_per_local_expert.tolist()}
 
 
+# With several coordinators an idle one gathers step headers this often, so that a peer with work waits at
+# most this long for it (docs/SCALING.md, "Several coordinators"); while a peer steps it gathers at once.
+PEER_IDLE_INTERVAL_S = 0.01
+
+
 class Coordinator:
-    """Rank 0: dense weights, KV cache, scheduler and engine loop. With no expert workers
+    """Dense weights, KV cache, scheduler and engine loop: rank `index` of the group. With no expert workers
     (`parallel` is None) it also holds every expert and runs them in-process."""
 
     def __init__(
-        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, cpu: RankCpu
+        self, settings: RankSettings, parallel: ParallelConfig | None, scheduler: SchedulerConfig, cpu: RankCpu,
+        *, index: int = 0,
     ) -> None:
         self.threads = cpu.apply()
+        self.index = index
+        self.name = "coordinator" if parallel is None or parallel.num_coordinators == 1 else f"coordinator {index}"
         self.settings = settings
         self.parallel = parallel
         self.scheduler = scheduler
@@ -178,18 +188,18 @@ class Coordinator:
                     reader, self.cfg, all_experts, dtype=self.settings.dtype, device=device
                 )
         except Exception as exc:
-            raise WorkerStartError(f"coordinator failed to load its weights: {exc}") from exc
+            raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
 
     def start(self, init_method: str | None, engine: EngineSettings) -> None:
         """Joins the expert-parallel group (all ranks at once) and starts the engine loop. After halt() it
         starts again on a new group with the weights it holds (a fresh KV cache: requests are replayed)."""
-        assert self.loop is None or not self.loop.running, "coordinator: halt() before starting again"
+        assert self.loop is None or not self.loop.running, f"{self.name}: halt() before starting again"
         self.torch_thread.call(self._build_engine, init_method, engine)
         assert self.loop is not None
         self.loop.start(self.torch_thread)
 
     def _build_engine(self, init_method: str | None, engine: EngineSettings) -> None:
-        assert self.dense is not None and self.cfg is not None, "coordinator: load() before start()"
+        assert self.dense is not None and self.cfg is not None, f"{self.name}: load() before start()"
         keepalive = None
         if self.parallel is None:
             assert self.local_shard is not None
@@ -198,30 +208,32 @@ class Coordinator:
             assert init_method is not None, "an expert-parallel coordinator needs a rendezvous address"
             try:
                 self.group = create_group(
-                    backend=self.settings.backend, init_method=init_method, rank=0,
+                    backend=self.settings.backend, init_method=init_method, rank=self.index,
                     world_size=self.parallel.world_size, timeout_s=self.settings.collective_timeout_s,
                     device=_device(self.settings),
                 )
             except Exception as exc:
-                raise WorkerStartError(f"coordinator could not open the group at {init_method}: {exc}") from exc
+                raise WorkerStartError(f"{self.name} could not join the group at {init_method}: {exc}") from exc
             self.experts = DistributedExperts(
                 self.parallel, group=self.group.group, device=self.group.device, top_k=self.cfg.num_experts_per_tok,
                 row_bytes=self.cfg.hidden_size * self.settings.dtype.itemsize, num_layers=self.cfg.num_hidden_layers,
                 hidden_size=self.cfg.hidden_size, dtype=self.settings.dtype,
             )
             keepalive = self.experts.keepalive
+        interval_s = self.settings.collective_timeout_s / 4  # alone: only the collective timeout needs it
+        if self.parallel is not None and self.parallel.num_coordinators > 1:
+            interval_s = PEER_IDLE_INTERVAL_S
         # the cache is sized here, on the coordinator's own device, after its weights are loaded
         engine = replace(engine, device=_device(self.settings))
         try:
             kv_blocks = num_kv_blocks(engine, self.cfg, kv_cache_bytes(engine))
         except ValueError as exc:
-            raise WorkerStartError(f"coordinator: {exc}") from exc
+            raise WorkerStartError(f"{self.name}: {exc}") from exc
         rank = assemble_attention_rank(self.cfg, self.dense, self.experts, num_blocks=kv_blocks,
                                        block_size=engine.block_size,
                                        compile_small_steps=self.settings.compile_small_steps,
                                        micro_batching=self.settings.micro_batching)
-        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive,
-                               keepalive_interval_s=self.settings.collective_timeout_s / 4)
+        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive, keepalive_interval_s=interval_s)
 
     def info(self) -> RankInfo:
         names = list(self.dense.tensor_names) if self.dense else []
@@ -229,7 +241,7 @@ class Coordinator:
 
     def _started_loop(self) -> EngineLoop:
         if self.loop is None:
-            raise WorkerUnavailable("the coordinator is still starting")
+            raise WorkerUnavailable(f"{self.name} is still starting")
         return self.loop
 
     def submit(self, request: GenerationRequest) -> None:
@@ -252,7 +264,7 @@ class Coordinator:
         if self.loop is not None:
             self.loop.stop(timeout_s=self.settings.collective_timeout_s)
             if self.loop.running:
-                raise WorkerUnavailable("coordinator: the engine loop is stuck in a collective")
+                raise WorkerUnavailable(f"{self.name}: the engine loop is stuck in a collective")
             self.loop.close_publisher()
         self.torch_thread.call(self._leave_group)
 
@@ -278,7 +290,7 @@ class Coordinator:
             if self.loop is not None and self.loop.failure is None and isinstance(self.experts, DistributedExperts):
                 self.experts.stop()
         except Exception as exc:  # a peer died meanwhile: the survivors leave at their collective timeout
-            log.warning("coordinator: could not stop the expert ranks (%s)", exc)
+            log.warning("%s: could not stop the expert ranks (%s)", self.name, exc)
         finally:
             self._destroy_group()
 

@@ -53,6 +53,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "(weights, activations and the KV cache, which gets the rest)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for this process")
     parser.add_argument("--workers", type=int, default=0, help="Ray expert workers (0 = experts in-process)")
+    parser.add_argument("--coordinators", type=int, default=1,
+                        help="attention ranks sharing the expert workers, each with its own scheduler and KV cache "
+                             "(the gateway places each request on the least loaded); more than 1 needs --workers")
     parser.add_argument("--placement", default="PACK", help="placement group strategy: PACK, SPREAD, STRICT_*")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--collective-timeout", type=float, default=20.0, help="seconds before a collective fails")
@@ -196,7 +199,8 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
 
 def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
     return ClusterOptions(
-        num_workers=args.workers, placement_strategy=args.placement, collective_timeout_s=args.collective_timeout,
+        num_workers=args.workers, num_coordinators=args.coordinators, placement_strategy=args.placement,
+        collective_timeout_s=args.collective_timeout,
         cpu=CpuPolicy(threads_per_rank=args.threads, reserved_cpus=_reserved_cpus(args)),
     )
 
@@ -217,9 +221,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if settings.num_workers == 0:
         (result,) = build_local_engine(settings).generate([request])
     else:
-        with ray_session(args.ray_address, settings.num_workers), RayExpertParallelEngine(
-            settings, _cluster_options(args)
-        ) as engine:
+        options = _cluster_options(args)
+        with ray_session(args.ray_address, options.num_coordinators + options.num_workers), \
+                RayExpertParallelEngine(settings, options) as engine:
             (result,) = engine.generate([request])
     text = tokenizer.decode(result.token_ids) if tokenizer else None
     if args.json:

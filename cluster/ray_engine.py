@@ -1,5 +1,8 @@
-"""The expert-parallel engine on Ray: a placement group, one Coordinator actor (rank 0, attention and
-the engine loop) and N ExpertWorker actors (ranks 1..N), joined in one torch.distributed group.
+"""The expert-parallel engine on Ray: a placement group, M Coordinator actors (ranks 0..M-1, attention and
+an engine loop each, M = 1 unless `--coordinators`) and N ExpertWorker actors (ranks M..M+N-1), joined in one
+torch.distributed group. With several coordinators each has its own scheduler, KV cache and update channel,
+and all of them step in lockstep (docs/SCALING.md, "Several coordinators"); the caller picks the coordinator
+of each request (the gateway: cluster.gateway.placement).
 
 Lifecycle (start, restart, shutdown) and requests in (Ray calls to the coordinator). Results come back
 over the update channel (cluster.update_receiver); what the ranks report of themselves is
@@ -35,6 +38,7 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 @dataclass(frozen=True, kw_only=True)
 class ClusterOptions:
     num_workers: int
+    num_coordinators: int = 1
     placement_strategy: str = "PACK"
     cpus_per_rank: float = 1.0
     cpu: CpuPolicy = field(default_factory=CpuPolicy)  # threads, OpenMP spinning, malloc, reserved cores
@@ -44,6 +48,10 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_coordinators < 1:
+            raise ValueError(f"num_coordinators must be >= 1, got {self.num_coordinators}")
+        if self.num_coordinators > 1 and not self.num_workers:
+            raise ValueError(f"{self.num_coordinators} coordinators share expert workers: num_workers must be >= 1")
         if self.placement_strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
 
@@ -52,7 +60,7 @@ class ClusterOptions:
 class RestartReport:
     """What a restart replaced and how long each part took."""
 
-    replaced: tuple[str, ...]  # rank names: "coordinator", "expert worker 0", ...
+    replaced: tuple[str, ...]  # rank names: "coordinator" (or "coordinator 1", ...), "expert worker 0", ...
     full: bool  # every rank and the placement group were replaced
     halt_s: float  # survivors stop their loops and leave the old group; the dead are found
     replace_s: float  # the dead are killed, their replacements started and loaded
@@ -63,8 +71,10 @@ class RestartReport:
         return self.halt_s + self.replace_s + self.join_s
 
 
-def rank_name(rank: int) -> str:
-    return "coordinator" if rank == 0 else f"expert worker {rank - 1}"
+def rank_name(rank: int, num_coordinators: int = 1) -> str:
+    if rank >= num_coordinators:
+        return f"expert worker {rank - num_coordinators}"
+    return "coordinator" if num_coordinators == 1 else f"coordinator {rank}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,11 +91,12 @@ class RayExpertParallelEngine:
         self.cfg = ModelConfig.from_model_dir(settings.model_dir)
         self.placement = ParallelConfig.contiguous(
             num_experts=self.cfg.num_local_experts, num_workers=max(options.num_workers, 1),
-            collective_timeout_s=options.collective_timeout_s,
+            collective_timeout_s=options.collective_timeout_s, num_coordinators=options.num_coordinators,
         )
         self.parallel = self.placement if options.num_workers else None  # None: every expert in the coordinator
+        self.num_coordinators = options.num_coordinators
         self.pg = None
-        self.coordinator = None
+        self.coordinators: list = []  # by index (= rank); empty while (re)starting
         self.workers: list = []
         self.worker_runs: list = []
         self._rank_settings: RankSettings | None = None
@@ -93,7 +104,7 @@ class RayExpertParallelEngine:
         self.rendezvous: str | None = None
         self.restarts = 0
         self.generation = 0  # restarts begun and ended: a call's failure is news only in its generation
-        self.updates = UpdateReceiver()
+        self.updates = [UpdateReceiver() for _ in range(self.num_coordinators)]  # one channel per coordinator
         self._lifecycle = threading.RLock()
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -111,7 +122,7 @@ class RayExpertParallelEngine:
         return {"CPU": self.options.cpus_per_rank} | ({"GPU": 1.0} if gpu else {})
 
     def _place(self) -> None:
-        world = self.options.num_workers + 1
+        world = self.options.num_workers + self.num_coordinators
         self.pg = placement_group([self._bundle()] * world, strategy=self.options.placement_strategy)
         try:
             ray.get(self.pg.ready(), timeout=self.options.start_timeout_s)
@@ -132,17 +143,17 @@ class RayExpertParallelEngine:
             compile_small_steps=self.settings.compile_small_steps, micro_batching=self.settings.micro_batching,
         )
         self._rank_settings, self._cpus = rank_settings, cpus
-        self.coordinator = self._new_rank(0)
-        self.workers = [self._new_rank(w + 1) for w in range(self.options.num_workers)]
+        self.coordinators = [self._new_rank(c) for c in range(self.num_coordinators)]
+        self.workers = [self._new_rank(self.num_coordinators + w) for w in range(self.options.num_workers)]
 
     def _new_rank(self, rank: int) -> ray.actor.ActorHandle:
-        """The actor of `rank` (0: the coordinator) in its own bundle of the placement group."""
+        """The actor of `rank` (0..M-1: coordinators) in its own bundle of the placement group."""
         cpu = self._cpus[rank]
-        if rank == 0:
-            return self._actor(Coordinator, 0, cpu, max_concurrency=16).remote(
-                self._rank_settings, self.parallel, self.scheduler, cpu
+        if rank < self.num_coordinators:
+            return self._actor(Coordinator, rank, cpu, max_concurrency=16).remote(
+                self._rank_settings, self.parallel, self.scheduler, cpu, index=rank
             )
-        worker = rank - 1
+        worker = rank - self.num_coordinators
         return self._actor(ExpertWorker, rank, cpu, max_concurrency=4).remote(
             worker, self.placement.experts_of_worker(worker), self._rank_settings, cpu
         )
@@ -158,9 +169,9 @@ class RayExpertParallelEngine:
     def _load_all(self, ranks: list[int] | None = None) -> None:
         """Loads the weights of `ranks` (default: every rank) at once; raises WorkerStartError naming each
         rank that failed."""
-        actors = [self.coordinator, *self.workers]
+        actors = [*self.coordinators, *self.workers]
         ranks = list(range(len(actors))) if ranks is None else ranks
-        names = [rank_name(r) for r in ranks]
+        names = [self.rank_name(r) for r in ranks]
         refs = [actors[r].load.remote() for r in ranks]
         errors = []
         for name, ref in zip(names, refs, strict=True):
@@ -175,8 +186,8 @@ class RayExpertParallelEngine:
 
     def _join_all(self) -> None:
         if self.parallel is not None:
-            self.rendezvous = ray.get(self.coordinator.rendezvous_address.remote())
-        refs = [self.coordinator.start.remote(self.rendezvous, self.settings)]
+            self.rendezvous = ray.get(self.coordinators[0].rendezvous_address.remote())
+        refs = [c.start.remote(self.rendezvous, self.settings) for c in self.coordinators]
         if self.parallel is not None:
             refs += [
                 w.join_group.remote(self.rendezvous, self.parallel)
@@ -202,16 +213,17 @@ class RayExpertParallelEngine:
     def _restart(self) -> RestartReport:
         started = time.monotonic()
         self.restarts += 1
-        self.updates.close()
+        for receiver in self.updates:
+            receiver.close()
         if self.pg is None or not self._placement_intact():
             log.warning("restart %d: the placement group lost a bundle; replacing every rank", self.restarts)
             self.shutdown(graceful=False)
             self.start()
-            names = tuple(rank_name(r) for r in range(self.options.num_workers + 1))
+            names = tuple(map(self.rank_name, range(self.num_coordinators + self.options.num_workers)))
             return RestartReport(names, full=True, halt_s=0.0, replace_s=time.monotonic() - started, join_s=0.0)
         dead = self._halt_ranks()
         halted = time.monotonic()
-        log.warning("restart %d: replacing %s", self.restarts, ", ".join(map(rank_name, dead)) or "no rank")
+        log.warning("restart %d: replacing %s", self.restarts, ", ".join(map(self.rank_name, dead)) or "no rank")
         try:
             self._replace(dead)
             replaced = time.monotonic()
@@ -219,7 +231,7 @@ class RayExpertParallelEngine:
         except BaseException:
             self.shutdown(graceful=False)
             raise
-        return RestartReport(tuple(map(rank_name, dead)), full=False, halt_s=halted - started,
+        return RestartReport(tuple(map(self.rank_name, dead)), full=False, halt_s=halted - started,
                              replace_s=replaced - halted, join_s=time.monotonic() - replaced)
 
     def _placement_intact(self) -> bool:
@@ -230,54 +242,58 @@ class RayExpertParallelEngine:
         beyond the collective timeout. Survivors leave the old group and keep their weights."""
         timeout_s = self.options.collective_timeout_s + 5.0
         dead = []
-        try:
-            ray.get(self.coordinator.halt.remote(), timeout=timeout_s)
-        except (ray.exceptions.RayError, WorkerUnavailable) as exc:
-            log.warning("the coordinator must be replaced: %s", _first_line(exc))
-            dead.append(0)
+        halts = [c.halt.remote() for c in self.coordinators]  # at once: each leaves only when all have stopped
+        for rank, halted in enumerate(halts):
+            try:
+                ray.get(halted, timeout=timeout_s)
+            except (ray.exceptions.RayError, WorkerUnavailable) as exc:
+                log.warning("%s must be replaced: %s", self.rank_name(rank), _first_line(exc))
+                dead.append(rank)
         if self.worker_runs:  # a worker's loop ends once its peers leave the group (or die)
             ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
         for w, run in enumerate(self.worker_runs):
+            rank = self.num_coordinators + w
             if not ray.wait([run], timeout=0)[0]:
-                log.warning("%s is stuck in a collective; replacing it", rank_name(w + 1))
-                dead.append(w + 1)
+                log.warning("%s is stuck in a collective; replacing it", self.rank_name(rank))
+                dead.append(rank)
                 continue
             try:
                 ray.get(run)
             except ray.exceptions.RayActorError:
-                dead.append(w + 1)
+                dead.append(rank)
             except ray.exceptions.RayTaskError:  # its collective failed when a peer died: it survives
                 pass
         return dead
 
     def _replace(self, ranks: list[int]) -> None:
         """Kills `ranks` and starts their replacements in the same bundles, loading their weights."""
+        m = self.num_coordinators
         for rank in ranks:
-            old = self.coordinator if rank == 0 else self.workers[rank - 1]
+            old = self.coordinators[rank] if rank < m else self.workers[rank - m]
             ray.kill(old, no_restart=True)
-            if rank == 0:
-                self.coordinator = self._new_rank(0)
+            if rank < m:
+                self.coordinators[rank] = self._new_rank(rank)
             else:
-                self.workers[rank - 1] = self._new_rank(rank)
+                self.workers[rank - m] = self._new_rank(rank)
         if ranks:
             self._load_all(ranks)
 
     def shutdown(self, timeout_s: float = 30.0, *, graceful: bool = True) -> None:
         """Stops the loop and the expert ranks, then removes every actor and the placement group.
         graceful=False skips the stop handshake (a peer is known to be dead) and kills at once."""
-        if self.coordinator is not None and graceful:
-            try:
-                ray.get(self.coordinator.stop.remote(), timeout=timeout_s)
+        if self.coordinators and graceful:
+            try:  # every coordinator at once: the workers stop when all of them have
+                ray.get([c.stop.remote() for c in self.coordinators], timeout=timeout_s)
                 ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 log.warning("clean stop failed (%s); killing the actors", exc)
-        for actor in [self.coordinator, *self.workers]:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        self.updates.close()
+        for actor in [*self.coordinators, *self.workers]:
+            ray.kill(actor, no_restart=True)
+        for receiver in self.updates:
+            receiver.close()
         if self.pg is not None:
             remove_placement_group(self.pg)
-        self.coordinator, self.workers, self.worker_runs, self.pg = None, [], [], None
+        self.coordinators, self.workers, self.worker_runs, self.pg = [], [], [], None
 
     def __enter__(self) -> RayExpertParallelEngine:
         self.start()
@@ -287,21 +303,24 @@ class RayExpertParallelEngine:
         self.shutdown()
 
     # requests in, updates out ------------------------------------------------------------------
-    def live_coordinator(self) -> ray.actor.ActorHandle:
-        coordinator = self.coordinator
-        if coordinator is None:
+    def rank_name(self, rank: int) -> str:
+        return rank_name(rank, self.num_coordinators)
+
+    def live_coordinator(self, index: int = 0) -> ray.actor.ActorHandle:
+        coordinators = self.coordinators
+        if not coordinators:
             raise WorkerUnavailable("the engine is (re)starting")
-        return coordinator
+        return coordinators[index]
 
-    def submit_ref(self, request: GenerationRequest) -> ray.ObjectRef:
-        return self.live_coordinator().submit.remote(request)
+    def submit_ref(self, request: GenerationRequest, coordinator: int = 0) -> ray.ObjectRef:
+        return self.live_coordinator(coordinator).submit.remote(request)
 
-    def abort_ref(self, request_id: str) -> ray.ObjectRef:
-        return self.live_coordinator().abort.remote(request_id)
+    def abort_ref(self, request_id: str, coordinator: int = 0) -> ray.ObjectRef:
+        return self.live_coordinator(coordinator).abort.remote(request_id)
 
-    def drain(self, timeout_s: float) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
-        """Every update the coordinator has sent, with its stats over them (see UpdateReceiver.drain)."""
-        return self.updates.drain(self.live_coordinator(), timeout_s)
+    def drain(self, timeout_s: float, coordinator: int = 0) -> tuple[list[SequenceUpdate], StatsSnapshot | None]:
+        """Every update coordinator `coordinator` has sent, with its stats over them (UpdateReceiver.drain)."""
+        return self.updates[coordinator].drain(self.live_coordinator(coordinator), timeout_s)
 
     # health ------------------------------------------------------------------------------------
     def workers_up(self) -> list[bool]:
@@ -312,27 +331,38 @@ class RayExpertParallelEngine:
         finished = {ref.hex() for ref in done}
         return [ref.hex() not in finished for ref in self.worker_runs]
 
+    def worker_phase_seconds(self, timeout_s: float = 5.0) -> list[dict[str, float]]:
+        """Per expert worker: its cumulative seconds in each phase (dispatch, experts, combine) since it started."""
+        return [dict(s["seconds"]) for s in ray.get([w.stats.remote() for w in self.workers], timeout=timeout_s)]
+
+    def coordinators_up(self) -> list[bool]:
+        """Per coordinator: its actor answers and its engine loop has not failed."""
+        coordinators = self.coordinators
+        if not coordinators:
+            return [False] * self.num_coordinators
+        up = []
+        for ref in [c.failure.remote() for c in coordinators]:
+            try:
+                up.append(ray.get(ref, timeout=5) is None)
+            except (ray.exceptions.RayError, TimeoutError):
+                up.append(False)
+        return up
+
     def healthy(self) -> bool:
-        coordinator = self.coordinator
-        if coordinator is None:
-            return False
-        try:
-            failure = ray.get(coordinator.failure.remote(), timeout=5)
-        except (ray.exceptions.RayError, TimeoutError):
-            return False
-        return failure is None and all(self.workers_up())
+        return all(self.coordinators_up()) and all(self.workers_up())
 
     def generate(self, requests: list[GenerationRequest], timeout_s: float = 600.0) -> list[GenerationResult]:
-        """Runs the requests together; raises WorkerUnavailable if a worker failure lost any of them."""
+        """Runs the requests together, spread over the coordinators in turn; raises WorkerUnavailable if a
+        worker failure lost any of them."""
         results = {r.request_id: GenerationResult(r.request_id, r.prompt_token_ids) for r in requests}
-        for request in requests:
-            unwrap(self.submit_ref(request))
+        for i, request in enumerate(requests):
+            unwrap(self.submit_ref(request, i % self.num_coordinators))
         deadline = time.monotonic() + timeout_s
         pending = set(results)
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} requests unfinished after {timeout_s}s")
-            for update in self.drain(1.0)[0]:
+            for update in self.drain_all(1.0)[0]:
                 result = results[update.request_id]
                 result.token_ids.extend(update.token_ids)
                 result.logprobs.extend(update.logprobs)
@@ -344,6 +374,20 @@ class RayExpertParallelEngine:
             raise WorkerUnavailable(f"{len(failed)} of {len(results)} requests lost: {failed[0].error}")
         return [results[r.request_id] for r in requests]
 
+    def drain_all(self, timeout_s: float) -> tuple[list[SequenceUpdate], list[StatsSnapshot]]:
+        """Every coordinator's updates (one caller at a time), waiting up to timeout_s with one coordinator and
+        a short poll of each with several; the stats snapshots, one per coordinator that sent any."""
+        updates, stats = [], []
+        poll_s = timeout_s if self.num_coordinators == 1 else min(timeout_s, 0.02)
+        for index in range(self.num_coordinators):
+            batch, snapshot = self.drain(poll_s, index)
+            updates += batch
+            stats += [snapshot] if snapshot is not None else []
+        return updates, stats
+
     def rank_actors(self) -> dict[str, ray.actor.ActorHandle]:
-        """The live rank actors by name: "coordinator", "worker 0", ... (see cluster.rank_introspection)."""
-        return {"coordinator": self.live_coordinator()} | {f"worker {w}": a for w, a in enumerate(self.workers)}
+        """The live rank actors by name: "coordinator" (or "coordinator 0", ...), "worker 0", ... (see
+        cluster.rank_introspection)."""
+        self.live_coordinator()
+        names = [self.rank_name(c) for c in range(self.num_coordinators)]
+        return dict(zip(names, self.coordinators, strict=True)) | {f"worker {w}": a for w, a in enumerate(self.workers)}

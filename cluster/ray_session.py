@@ -22,14 +22,16 @@ LOG_LEVEL = logging.WARNING  # and after
 
 
 @contextmanager
-def ray_session(address: str | None, num_workers: int) -> Iterator[None]:
+def ray_session(address: str | None, num_ranks: int) -> Iterator[None]:
+    """Connects to `address`, or starts a local cluster with a logical CPU for each of the `num_ranks`
+    actors (coordinators and expert workers) at least; shuts Ray down on exit."""
     if ray.is_initialized():
         yield
         return
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=START_LOG_LEVEL)
     else:  # a new local cluster (never one a stray `ray start` left behind); one logical CPU per rank at least
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_ranks), include_dashboard=False,
                  log_to_driver=False, logging_level=START_LOG_LEVEL)
     logging.getLogger("ray").setLevel(LOG_LEVEL)
     try:

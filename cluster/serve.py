@@ -30,13 +30,17 @@ async def _serve(engine: RayExpertParallelEngine, options: GatewayOptions) -> No
               flush=True)
     print(f"mixserve: serving {engine.settings.model_dir} on {options.host}:{gateway.port} "
           f"(metrics http://{options.metrics_host}:{gateway.metrics_port}/metrics, "
-          f"{engine.options.num_workers} expert workers)", flush=True)
+          f"{engine.options.num_coordinators} coordinators, {engine.options.num_workers} expert workers)", flush=True)
     await gateway.wait()
 
 
 def serve(settings: EngineSettings, cluster: ClusterOptions, scheduler: SchedulerConfig, options: GatewayOptions,
           ray_address: str | None) -> None:
     where = f"the Ray cluster at {ray_address}" if ray_address else "a new local Ray cluster"
-    print(f"mixserve: starting {settings.model_dir} with {cluster.num_workers} expert workers on {where}", flush=True)
-    with ray_session(ray_address, cluster.num_workers), RayExpertParallelEngine(settings, cluster, scheduler) as engine:
+    ranks = f"{cluster.num_workers} expert workers"
+    if cluster.num_coordinators > 1:
+        ranks = f"{cluster.num_coordinators} coordinators and {ranks}"
+    print(f"mixserve: starting {settings.model_dir} with {ranks} on {where}", flush=True)
+    num_ranks = cluster.num_coordinators + cluster.num_workers
+    with ray_session(ray_address, num_ranks), RayExpertParallelEngine(settings, cluster, scheduler) as engine:
         asyncio.run(_serve(engine, options))

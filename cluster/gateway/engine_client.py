@@ -1,15 +1,17 @@
-"""The gateway's asyncio view of the engine: submit and abort over Ray, one poller that reads the updates
-the coordinator pushes over its update channel and hands each request its own queue, and recovery.
+"""The gateway's asyncio view of the engine: submit and abort over Ray, one poller per coordinator that
+reads the updates it pushes over its update channel and hands each request its own queue, placement (with
+several coordinators each request goes to the least loaded: cluster.gateway.placement), and recovery.
 
 Recovery (issue "zero lost requests"): the first sign of a failed step (an update that says the engine lost
 a request, the update channel closing, a failed health check, a submit refused) flips health to NOT_SERVING
 before anything else happens. The engine then replaces the ranks that died (`RayExpertParallelEngine.restart`)
-and every request in flight is replayed: resubmitted under a fresh engine id as its prompt plus the tokens
-the gateway already received, asking for the tokens still owed, with the same seed. Sampling draws depend on
-(seed, position) only (workers.model.sampler), so the replay yields the tokens an uninterrupted run would
-have, and the client, which has seen only the received tokens, sees one stream. A probe request then runs one
-step through every rank of the new group; only after it succeeds is health SERVING again. A request waits at
-most `replay_timeout_s` from the failure for its replay; then it fails with UNAVAILABLE.
+and every request in flight is replayed (placed afresh): resubmitted under a fresh engine id as its prompt
+plus the tokens the gateway already received, asking for the tokens still owed, with the same seed.
+Sampling draws depend on (seed, position) only (workers.model.sampler), so the replay yields the tokens an
+uninterrupted run would have, and the client, which has seen only the received tokens, sees one stream. A
+probe request per coordinator then runs one step through every rank of the new group; only after they
+succeed is health SERVING again. A request waits at most `replay_timeout_s` from the failure for its
+replay; then it fails with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import ray
 
 from cluster.errors import InvalidRequest, MixServeError, WorkerUnavailable
 from cluster.gateway.metrics import GatewayMetrics
+from cluster.gateway.placement import footprint, least_loaded
 from cluster.ray_engine import RayExpertParallelEngine, RestartReport
 from cluster.requests import GenerationRequest, SequenceUpdate
 from cluster.update_receiver import coordinator_error
@@ -44,6 +47,7 @@ class RequestStream:
     live: bool = False  # the current engine holds this attempt (False: unsent, or lost to a failure)
     finished: bool = False  # its last update arrived (the servicer has yet to release it)
     attempts: int = 0
+    coordinator: int | None = None  # the coordinator of the current attempt (None: not placed yet)
 
     def continuation(self) -> GenerationRequest:
         """The request that continues this stream from what it has received, under a fresh engine id."""
@@ -100,7 +104,7 @@ class EngineClient:
         self._recovery: asyncio.Task | None = None
         self._restarting = False  # the engine is being restarted: its calls fail, and that is no news
         self._failed_at: float | None = None  # when the failure being recovered from was detected
-        self._probe_stream: RequestStream | None = None
+        self._probes: list[RequestStream] = []  # one per coordinator while a recovery probes the new group
         self.recoveries: list[RecoveryTimeline] = []  # the latest last
         # a replay waits for the sends in flight and holds new ones back, so it sees each stream once
         self._sends_open = asyncio.Event()
@@ -111,8 +115,9 @@ class EngineClient:
 
     async def start(self) -> None:
         self.healthy = await asyncio.to_thread(self.engine.healthy)
-        self._tasks = [asyncio.create_task(self._poll(), name="updates"),
-                       asyncio.create_task(self._watch_health(), name="health")]
+        self._tasks = [asyncio.create_task(self._poll(c), name=f"updates {c}")
+                       for c in range(self.engine.num_coordinators)]
+        self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
 
     async def stop(self) -> None:
         tasks = self._tasks + ([self._recovery] if self._recovery else [])
@@ -148,8 +153,9 @@ class EngineClient:
         self._sends_in_flight += 1
         self._no_sends.clear()
         failures, generation = self.failures, self.engine.generation
+        coordinator = stream.coordinator = self._place(stream)
         try:
-            await _call(self.engine.submit_ref(request))
+            await _call(self.engine.submit_ref(request, coordinator))
         except WorkerUnavailable as exc:
             await self._engine_failed(f"submit refused: {exc}", generation)
             return
@@ -161,7 +167,15 @@ class EngineClient:
         stream.live = failures == self.failures and generation == self.engine.generation
         if generation != self.engine.generation:  # a restart ran meanwhile: whichever group took it, drop it
             with contextlib.suppress(MixServeError):
-                await _call(self.engine.abort_ref(request.request_id))
+                await _call(self.engine.abort_ref(request.request_id, coordinator))
+
+    def _place(self, stream: RequestStream) -> int:
+        """The coordinator for `stream`'s next attempt: the least loaded by the streams already placed."""
+        placed = ((s.coordinator, footprint(s.request)) for s in self.streams.values()
+                  if s is not stream and s.coordinator is not None and s.request is not None and not s.finished)
+        coordinator = least_loaded(self.engine.num_coordinators, placed)
+        self.metrics.placed_requests.labels(coordinator=str(coordinator)).inc()
+        return coordinator
 
     def release(self, stream: RequestStream) -> None:
         """Forgets a stream whose request the engine has finished (or never took)."""
@@ -172,21 +186,23 @@ class EngineClient:
     async def abort(self, stream: RequestStream) -> None:
         """Forgets a stream and aborts its request in the engine, freeing its cache."""
         self.release(stream)
+        if stream.coordinator is None:
+            return  # never sent
         with contextlib.suppress(MixServeError):
-            await _call(self.engine.abort_ref(stream.request_id))
+            await _call(self.engine.abort_ref(stream.request_id, stream.coordinator))
 
     # updates -----------------------------------------------------------------------------------
-    async def _poll(self) -> None:
+    async def _poll(self, coordinator: int) -> None:
         while True:
             generation = self.engine.generation
             try:
-                updates, stats = await asyncio.to_thread(self.engine.drain, self.poll_timeout_s)
+                updates, stats = await asyncio.to_thread(self.engine.drain, self.poll_timeout_s, coordinator)
             except Exception as exc:  # the coordinator died or is being replaced
                 await self._engine_failed(f"reading updates failed ({type(exc).__name__}: {exc})", generation)
                 await asyncio.sleep(0.2)
                 continue
             if stats is not None:
-                self.metrics.observe_stats(stats)
+                self.metrics.observe_stats(stats, coordinator=coordinator)
             lost = None
             for update in updates:
                 stream = self.streams.get(update.request_id)
@@ -217,7 +233,7 @@ class EngineClient:
         self.failures += 1
         for stream in self.streams.values():
             stream.live = False
-        if (probe := self._probe_stream) is not None:
+        for probe in self._probes:
             probe.updates.put_nowait(SequenceUpdate(probe.request_id, (), (), "error", reason))
         if self.recovering:
             return
@@ -245,14 +261,16 @@ class EngineClient:
                 finally:
                     self._restarting = False
                 timeline.restarted_at = time.monotonic()
-                probe = await self._start_probe()  # ahead of the replays: a full batch must not delay SERVING
+                await self._start_probes()  # ahead of the replays: a full batch must not delay SERVING
                 try:
                     timeline.replayed = await self._replay()
                     timeline.replayed_at = time.monotonic()
-                    await self._finish_probe(probe)
+                    for probe in self._probes:
+                        await self._finish_probe(probe)
                 finally:
-                    self._probe_stream = None
-                    self.streams.pop(probe.request_id, None)
+                    for probe in self._probes:
+                        self.streams.pop(probe.request_id, None)
+                    self._probes = []
                 break
             except Exception as exc:
                 log.error("recovery attempt failed after %.1fs (%s: %s); retrying", time.monotonic() - started,
@@ -265,8 +283,8 @@ class EngineClient:
         self.metrics.worker_recoveries.inc()
         self.metrics.recovery_seconds.observe(timeline.serving_at - timeline.failed_at)
         log.warning("recovered: %s", timeline.describe())
-        # the gauges say the new workers are up before health says SERVING (not a poll later)
-        self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
+        # the gauges say the new ranks are up before health says SERVING (not a poll later)
+        await self._update_rank_gauges()
         await self._set_healthy(True)
 
     async def _replay(self) -> int:
@@ -279,11 +297,15 @@ class EngineClient:
         failures = self.failures
         lost = [s for s in self.streams.values() if not (s.live or s.finished) and s.request is not None]
         for stream in lost:
+            stream.coordinator = None
+        for stream in lost:
             request = stream.continuation()
             del self.streams[stream.request_id]
             stream.request_id = request.request_id
             self.streams[request.request_id] = stream
-            await _call(self.engine.submit_ref(request))  # raises WorkerUnavailable if the new group fails
+            stream.coordinator = self._place(stream)
+            # raises WorkerUnavailable if the new group fails
+            await _call(self.engine.submit_ref(request, stream.coordinator))
             if failures != self.failures:
                 raise WorkerUnavailable("the new group failed during the replay")
             stream.live = True
@@ -306,20 +328,17 @@ class EngineClient:
                 f"the engine did not recover within --replay-timeout {self.replay_timeout_s:g}s"))
             self.release(stream)
 
-    async def _start_probe(self) -> RequestStream:
-        """Submits a one-token request that must pass through every rank of the new group."""
-        request_id = f"health-probe-{self.failures}-{time.monotonic_ns()}"
-        stream = self._probe_stream = RequestStream(request_id, request_id, live=True)
-        self.streams[request_id] = stream
-        try:
+    async def _start_probes(self) -> None:
+        """Submits to each coordinator a one-token request that must pass through every rank of the new group;
+        on an error the caller forgets them (self._probes)."""
+        for coordinator in range(self.engine.num_coordinators):
+            request_id = f"health-probe-{self.failures}-{coordinator}-{time.monotonic_ns()}"
+            stream = RequestStream(request_id, request_id, live=True, coordinator=coordinator)
+            self._probes.append(stream)
+            self.streams[request_id] = stream
             await _call(self.engine.submit_ref(GenerationRequest(
                 request_id=request_id, prompt_token_ids=(self.engine.cfg.bos_token_id or 0,), max_new_tokens=1,
-                ignore_eos=True)))
-        except BaseException:
-            self._probe_stream = None
-            self.streams.pop(request_id, None)
-            raise
-        return stream
+                ignore_eos=True), coordinator))
 
     @staticmethod
     async def _finish_probe(stream: RequestStream) -> None:
@@ -338,11 +357,20 @@ class EngineClient:
     async def _watch_health(self) -> None:
         while True:
             if not self.recovering:
-                healthy = await asyncio.to_thread(self.engine.healthy)
-                self.metrics.set_workers_up(await asyncio.to_thread(self.engine.workers_up))
+                healthy = await self._update_rank_gauges()
                 if not healthy and not self.recovering:
                     await self._engine_failed("the health check failed")
             await asyncio.sleep(1.0)
+
+    async def _update_rank_gauges(self) -> bool:
+        """Sets the up gauges of every coordinator and worker and the workers' phase seconds; returns whether
+        every rank is up."""
+        coordinators = await asyncio.to_thread(self.engine.coordinators_up)
+        workers = await asyncio.to_thread(self.engine.workers_up)
+        self.metrics.set_ranks_up(coordinators=coordinators, workers=workers)
+        with contextlib.suppress(ray.exceptions.RayError, WorkerUnavailable):
+            self.metrics.set_worker_phase_seconds(await asyncio.to_thread(self.engine.worker_phase_seconds))
+        return all(coordinators) and all(workers)
 
     async def _set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway, in their own registry (no global state), served on their own port.
 
 Label values are bounded: the API (grpc, http), finish reasons, gRPC status names, phases, layer and expert
-indices, worker indices. Never request ids.
+indices, worker and coordinator indices. Never request ids.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class GatewayMetrics:
-    def __init__(self, *, num_layers: int, worker_of_expert: tuple[int, ...], num_workers: int) -> None:
+    def __init__(self, *, num_layers: int, worker_of_expert: tuple[int, ...], num_workers: int,
+                 num_coordinators: int = 1) -> None:
         self.registry = CollectorRegistry()
         self.worker_of_expert = worker_of_expert
         self.expert_workers = num_workers
+        self._worker_seconds: list[dict[str, float]] = []  # the workers' cumulative phase seconds, last read
         r = self.registry
         self.requests = Counter("mixserve_requests", "Finished requests by API (grpc, http), finish reason and gRPC "
                                 "status name (an HTTP error counts as the status it maps to)",
@@ -40,9 +42,20 @@ class GatewayMetrics:
         self.batch = Histogram("mixserve_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.phase = Histogram("mixserve_step_phase_seconds", "Engine step time by phase", ["phase"],
                                buckets=STEP_BUCKETS, registry=r)
-        self.running = Gauge("mixserve_num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("mixserve_num_requests_waiting", "Requests waiting for admission", registry=r)
-        self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.running = Gauge("mixserve_num_requests_running", "Requests in the running batch, per coordinator",
+                             ["coordinator"], registry=r)
+        self.waiting = Gauge("mixserve_num_requests_waiting", "Requests waiting for admission, per coordinator",
+                             ["coordinator"], registry=r)
+        self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of the coordinator's KV-cache blocks in use",
+                              ["coordinator"], registry=r)
+        self.coordinator_up = Gauge("mixserve_coordinator_up", "1 while the coordinator (attention rank) serves",
+                                    ["coordinator"], registry=r)
+        self.num_coordinators = Gauge("mixserve_num_coordinators", "Configured coordinators", registry=r)
+        self.placed_requests = Counter("mixserve_coordinator_placed_requests", "Request attempts the gateway placed "
+                                       "on each coordinator (replays included)", ["coordinator"], registry=r)
+        self.worker_phase = Counter("mixserve_worker_phase_seconds", "Expert workers' own step time by phase "
+                                    "(dispatch: waiting for and receiving rows, experts, combine: sending back)",
+                                    ["worker", "phase"], registry=r)
         self.preemptions = Counter("mixserve_preemptions", "Running sequences evicted to free KV blocks (recomputed "
                                    "later)", registry=r)
         self.prefix_cache_queries = Counter("mixserve_prefix_cache_query_tokens", "Tokens of admitted sequences "
@@ -64,6 +77,11 @@ class GatewayMetrics:
                                           "the engine serves again (restart, replay, probe step)",
                                           buckets=RECOVERY_BUCKETS, registry=r)
         self.num_workers.set(num_workers)
+        self.num_coordinators.set(num_coordinators)
+        for coordinator in map(str, range(num_coordinators)):
+            for gauge in (self.running, self.waiting, self.kv_usage, self.coordinator_up):
+                gauge.labels(coordinator=coordinator).set(0)
+            self.placed_requests.labels(coordinator=coordinator)
         for phase in PHASES:
             self.phase.labels(phase=phase)
         for layer in range(num_layers):
@@ -73,13 +91,13 @@ class GatewayMetrics:
             self.worker_tokens.labels(worker=str(worker))
             self.worker_up.labels(worker=str(worker)).set(0)
 
-    def observe_stats(self, stats: StatsSnapshot) -> None:
+    def observe_stats(self, stats: StatsSnapshot, *, coordinator: int = 0) -> None:
         self.preemptions.inc(stats.preemptions)
         self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         self.prefix_cache_hits.inc(stats.prefix_cache_hits)
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
+        self.running.labels(coordinator=str(coordinator)).set(stats.num_running)
+        self.waiting.labels(coordinator=str(coordinator)).set(stats.num_waiting)
+        self.kv_usage.labels(coordinator=str(coordinator)).set(stats.kv_cache_usage)
         for size in stats.batch_sizes:
             self.batch.observe(size)
         for step in stats.phase_seconds:
@@ -107,6 +125,18 @@ class GatewayMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
 
-    def set_workers_up(self, up: list[bool]) -> None:
-        for worker, alive in enumerate(up):
+    def set_ranks_up(self, *, coordinators: list[bool], workers: list[bool]) -> None:
+        for coordinator, alive in enumerate(coordinators):
+            self.coordinator_up.labels(coordinator=str(coordinator)).set(1 if alive else 0)
+        for worker, alive in enumerate(workers):
             self.worker_up.labels(worker=str(worker)).set(1 if alive else 0)
+
+    def set_worker_phase_seconds(self, cumulative: list[dict[str, float]]) -> None:
+        """Advances the workers' phase counters to their cumulative seconds; a worker whose seconds went down
+        was replaced, and its new total counts from zero."""
+        previous = self._worker_seconds if len(self._worker_seconds) == len(cumulative) else [{} for _ in cumulative]
+        for worker, (before, now) in enumerate(zip(previous, cumulative, strict=True)):
+            for phase, seconds in now.items():
+                gained = seconds - before.get(phase, 0.0)
+                self.worker_phase.labels(worker=str(worker), phase=phase).inc(gained if gained >= 0 else seconds)
+        self._worker_seconds = [dict(s) for s in cumulative]

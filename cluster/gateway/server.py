@@ -72,7 +72,8 @@ class Gateway:
         cfg = engine.cfg
         self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers,
                                       worker_of_expert=engine.placement.worker_of_expert,
-                                      num_workers=engine.options.num_workers)
+                                      num_workers=engine.options.num_workers,
+                                      num_coordinators=engine.num_coordinators)
         self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s)
         self.tokenizer = TextTokenizer.from_model_dir(
             engine.settings.model_dir, cfg.bos_token_id,

@@ -2,7 +2,8 @@
 holding the expert workers. Serve requests, kill one host's Ray node during 32 concurrent streams (greedy and
 seeded sampling): every stream completes with the tokens of an uninterrupted run (the gateway replays them
 on the engine it rebuilds on the remaining hosts), health says NOT_SERVING meanwhile, and the next 100
-requests all succeed."""
+requests all succeed. And 2 coordinators with 2 expert workers spread over the three hosts: every host holds
+a rank, the gloo collectives cross hosts, and greedy tokens equal the offline engine's."""
 
 from __future__ import annotations
 
@@ -67,18 +68,32 @@ def _serving(channel) -> bool:
         return False
 
 
-def test_gateway_survives_losing_a_host(hosts, served_model, tmp_path):
+def _serve(hosts, served_model, log, *extra: str) -> subprocess.Popen:
+    """Starts Ray on the three hosts and `mixserve serve` (2 expert workers, SPREAD) on the head."""
     (head, b, c), env = hosts
     start_ray_node(head, head, env, is_head=True)
     start_ray_node(b, head, env, is_head=False)
     start_ray_node(c, head, env, is_head=False)
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
-    server = head.exec(
+    return head.exec(
         str(BIN / "python"), "-m", "cluster.cli", "serve", "--model", str(served_model), "--workers", "2",
         "--placement", "SPREAD", "--ray-address", f"{head.ip}:6379", "--host", head.ip, "--port", str(PORT),
-        "--metrics-host", head.ip, "--collective-timeout", "8", "--threads", "1",
+        "--metrics-host", head.ip, "--collective-timeout", "8", "--threads", "1", *extra,
         env=env | {"PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def test_gateway_survives_losing_a_host(hosts, served_model, tmp_path):
+    (head, b, c), env = hosts
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
+    server = _serve(hosts, served_model, log)
     try:
         channel = grpc.insecure_channel(f"{head.ip}:{PORT}")
         _wait(lambda: _serving(channel) or server.poll() is not None, 180, "the gateway did not come up")
@@ -111,11 +126,30 @@ def test_gateway_survives_losing_a_host(hosts, served_model, tmp_path):
                                   range(100)))
         assert after == [expected[i % 8] for i in range(100)]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
+        log.close()
+
+
+def test_two_coordinators_spread_over_three_hosts(hosts, served_model, tmp_path):
+    (head, b, c), env = hosts
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
+    server = _serve(hosts, served_model, log, "--coordinators", "2")
+    try:
+        channel = grpc.insecure_channel(f"{head.ip}:{PORT}")
+        _wait(lambda: _serving(channel) or server.poll() is not None, 180, "the gateway did not come up")
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()
+        assert _rank_hosts(head, env) == {head.ip, b.ip, c.ip}  # 4 ranks SPREAD over 3 hosts: each holds one
+        stub = pb_grpc.MixServeStub(channel)
+        prompts = [[1, 7 + i, 20 + i, 33, 40 + 3 * i] for i in range(16)]
+        with futures.ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda p: list(stub.Generate(_request(p, 10), timeout=120).token_ids), prompts))
+        assert got == [offline(served_model, p, max_new=10) for p in prompts]
+        metrics = urllib.request.urlopen(f"http://{head.ip}:9400/metrics", timeout=10).read().decode()
+        for coordinator in ("0", "1"):
+            placed = f'mixserve_coordinator_placed_requests_total{{coordinator="{coordinator}"}} '
+            assert placed in metrics and float(metrics.split(placed)[1].split()[0]) > 0, metrics
+    finally:
+        _stop(server)
         log.close()
 
 
@@ -128,6 +162,16 @@ def _stream(stub, request: pb.GenerateRequest, progress: list[int], i: int) -> l
         return tokens
     except grpc.RpcError as exc:
         return exc.code()
+
+
+def _rank_hosts(head, env) -> set[str]:
+    """The node addresses holding the bundles of the cluster's placement groups (the engine's ranks)."""
+    script = ("import ray; from ray.util import placement_group_table; ray.init(address='auto'); "
+              "ips = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()}; "
+              "print(' '.join(ips[node] for pg in placement_group_table().values() if pg['state'] == 'CREATED' "
+              "for node in pg['bundles_to_node_id'].values()))")
+    done = head.run(str(BIN / "python"), "-c", script, env=env | {"RAY_ADDRESS": f"{head.ip}:6379"})
+    return set(done.stdout.split())
 
 
 def _ray_nodes(head, env) -> set[str]:
