@@ -59,6 +59,9 @@ def _engine_args(p: argparse.ArgumentParser, *, max_batched_tokens: int, workers
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--workers", type=_ints, default=workers,
                    help="Ray expert-worker counts, comma-separated; 0 = experts in the coordinator actor")
+    p.add_argument("--coordinators", type=_ints, default=(1,),
+                   help="coordinator counts, comma-separated (`mixserve serve --coordinators`): each engine with "
+                        "expert workers runs once per count")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -226,7 +229,8 @@ def _offline(args: argparse.Namespace) -> OfflineReport:
                         seed=args.seed)
     return run_offline(OfflineOptions(
         setup=_engine_setup(args, max_num_seqs=args.num_prompts, input_len=args.input_len, here=True),
-        workload=workload, workers=args.workers, in_process=args.in_process, transformers=args.transformers,
+        workload=workload, workers=args.workers, coordinators=args.coordinators, in_process=args.in_process,
+        transformers=args.transformers,
         micro_batches=_micro_batches(args, resolve_device(args.device, ranks_run_here=True)),
         ray_address=args.ray_address))
 
@@ -241,7 +245,7 @@ def _serve(args: argparse.Namespace) -> ServeReport:
     return run_serve(ServeOptions(
         setup=setup, input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
         seed=args.seed, concurrency=concurrency, request_rates=args.request_rate or (), workers=args.workers,
-        transformers=args.transformers,
+        coordinators=args.coordinators, transformers=args.transformers,
         target=args.target, metrics_url=args.metrics_url, ray_address=args.ray_address, timeout_s=args.timeout,
         shared_prefix_len=args.shared_prefix_len, prefix_caching=args.prefix_caching))
 

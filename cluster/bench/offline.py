@@ -46,6 +46,7 @@ class OfflineOptions:
     workload: Workload
     workers: tuple[int, ...] = (0, 1, 2)  # Ray engines; 0 = experts in the coordinator actor
     micro_batches: tuple[int, ...] = (2,)  # engines with expert workers run once per value (ping-pong on/off)
+    coordinators: tuple[int, ...] = (1,)  # and once per coordinator count
     in_process: bool = True
     transformers: bool = True
     ray_address: str | None = None
@@ -53,6 +54,8 @@ class OfflineOptions:
     def __post_init__(self) -> None:
         if any(w < 0 for w in self.workers):
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.coordinators or any(c < 1 for c in self.coordinators):
+            raise ValueError(f"coordinators must be >= 1, got {self.coordinators}")
         if not (self.workers or self.in_process or self.transformers):
             raise ValueError("nothing to run: no workers, in_process and transformers both off")
 
@@ -115,10 +118,12 @@ def _engines(opts: OfflineOptions, cfg: ModelConfig, prompts: list[tuple[int, ..
     if opts.in_process:
         out.append(_Engine(IN_PROCESS_LABEL, IN_PROCESS, None, partial(run_in_process, cfg, setup, workload, prompts)))
     for w in opts.workers:
-        for m in opts.micro_batches if w else (1,):
-            label = ray_label(w) + (f", {m} micro-batches" if w and len(opts.micro_batches) > 1 else "")
-            variant = replace(setup, micro_batching=replace(setup.micro_batching, micro_batches=m)) if w else setup
-            out.append(_Engine(label, RAY, w, partial(run_ray, cfg, variant, workload, prompts, w, label=label)))
+        for c in opts.coordinators if w else (1,):
+            for m in opts.micro_batches if w else (1,):
+                label = ray_label(w, c) + (f", {m} micro-batches" if w and len(opts.micro_batches) > 1 else "")
+                variant = replace(setup, micro_batching=replace(setup.micro_batching, micro_batches=m)) if w else setup
+                out.append(_Engine(label, RAY, w, partial(run_ray, cfg, variant, workload, prompts, w, label=label,
+                                                          coordinators=c)))
     return out
 
 
@@ -144,7 +149,8 @@ def run_offline(opts: OfflineOptions) -> OfflineReport:
     engines = _engines(opts, cfg, make_prompts(workload, cfg.vocab_size))
     timed = {e.label: TimedRuns() for e in engines}
     rates = [_machine_rates(setup)]
-    with ray_session(opts.ray_address, max(opts.workers)) if opts.workers else nullcontext():
+    num_ranks = max(opts.workers, default=0) + max(opts.coordinators)
+    with ray_session(opts.ray_address, num_ranks) if opts.workers else nullcontext():
         for _ in range(setup.rounds):
             for engine in engines:
                 engine.run(timed[engine.label])

@@ -246,16 +246,19 @@ def render(headers: list[str], rows: list[list[str]], *, markdown: bool = False,
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-CPU_HEADERS = [BENCH_PROCESS, COORDINATOR, "expert workers", "total", "wall", "busy cores", "CPU ms per output token"]
+CPU_HEADERS = [BENCH_PROCESS, "coordinators", "expert workers", "total", "wall", "busy cores",
+               "CPU ms per output token"]
 WORKER_HEADERS = ["worker", "dispatch (incl. waiting)", "experts", "combine"]
 
 
 def cpu_cells(cpu: dict[str, float], wall_s: float, output_tokens: int) -> list[str]:
-    """The CPU_HEADERS columns: each process's seconds (the workers summed), their total, the wall seconds,
-    the cores kept busy (total / wall) and the CPU milliseconds per output token."""
-    workers = [v for k, v in cpu.items() if k not in (BENCH_PROCESS, COORDINATOR)]
+    """The CPU_HEADERS columns: each process's seconds (the coordinators summed, the workers summed), their
+    total, the wall seconds, the cores kept busy (total / wall) and the CPU milliseconds per output token."""
+    coordinators = [v for k, v in cpu.items() if k.startswith(COORDINATOR)]
+    workers = [v for k, v in cpu.items() if k != BENCH_PROCESS and not k.startswith(COORDINATOR)]
     total = sum(cpu.values())
-    return [fmt(cpu.get(BENCH_PROCESS)), fmt(cpu.get(COORDINATOR)), fmt(sum(workers)) if workers else "–",
+    return [fmt(cpu.get(BENCH_PROCESS)), fmt(sum(coordinators)) if coordinators else "–",
+            fmt(sum(workers)) if workers else "–",
             fmt(total), fmt(wall_s), fmt(total / wall_s) if wall_s else "–",
             fmt(1e3 * total / output_tokens, 3) if output_tokens else "–"]
 

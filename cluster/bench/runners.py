@@ -46,10 +46,11 @@ HF_LABEL = "transformers (batched generate)"
 IN_PROCESS_LABEL = "mixserve in-process (no Ray)"
 
 
-def ray_label(workers: int) -> str:
+def ray_label(workers: int, coordinators: int = 1) -> str:
     if workers == 0:
         return "mixserve Ray, 0 workers (experts in coordinator)"
-    return f"mixserve Ray, {workers} expert worker{'s' if workers > 1 else ''}"
+    label = f"mixserve Ray, {workers} expert worker{'s' if workers > 1 else ''}"
+    return label if coordinators == 1 else f"{label}, {coordinators} coordinators"
 
 
 def cpu_seconds(engine: RayExpertParallelEngine | None = None) -> dict[str, float]:
@@ -158,10 +159,11 @@ def run_in_process(cfg: ModelConfig, setup: EngineSetup, workload: Workload, pro
     timed.add(seconds, take_steps(), tokens, cpu)
 
 
-def start_ray_engine(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int) -> RayExpertParallelEngine:
+def start_ray_engine(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int,
+                     coordinators: int = 1) -> RayExpertParallelEngine:
     settings = engine_settings(cfg, setup, workload, workers)
     cpu = CpuPolicy(threads_per_rank=setup.threads_per_rank, reserved_cpus=setup.reserved_cpus)
-    options = ClusterOptions(num_workers=workers, cpu=cpu)
+    options = ClusterOptions(num_workers=workers, num_coordinators=coordinators, cpu=cpu)
     engine = RayExpertParallelEngine(settings, options, scheduler_config(setup))
     engine.start()
     return engine
@@ -169,18 +171,19 @@ def start_ray_engine(cfg: ModelConfig, setup: EngineSetup, workload: Workload, w
 
 def _ray_generate(engine: RayExpertParallelEngine, requests: list[GenerationRequest], on_tokens: OnTokens,
                   timeout_s: float) -> tuple[float, Steps, list[list[int]]]:
-    """Submits every request, drains until all finish; returns (seconds, the engine's steps, tokens)."""
+    """Submits every request (spread over the coordinators in turn), drains until all finish; returns
+    (seconds, the engine's steps (every coordinator's), tokens)."""
     out: dict[str, list[int]] = {r.request_id: [] for r in requests}
     steps = Steps()
     start = time.perf_counter()
-    ray.get([engine.submit_ref(r) for r in requests])
+    ray.get([engine.submit_ref(r, i % engine.num_coordinators) for i, r in enumerate(requests)])
     pending = set(out)
     while pending:
         if time.perf_counter() - start > timeout_s:
             raise TimeoutError(f"{len(pending)} requests unfinished after {timeout_s}s")
-        updates, stats = engine.drain(1.0)
-        if stats is not None:
-            steps = steps + Steps.of(stats)
+        updates, stats = engine.drain_all(1.0)
+        for snapshot in stats:
+            steps = steps + Steps.of(snapshot)
         for update in updates:
             if update.error:
                 raise WorkerUnavailable(f"request {update.request_id} failed: {update.error}")
@@ -203,9 +206,9 @@ def worker_delta(before: list[dict[str, float]], after: list[dict[str, float]]) 
 
 
 def run_ray(cfg: ModelConfig, setup: EngineSetup, workload: Workload, prompts: list[tuple[int, ...]], workers: int,
-            timed: TimedRuns, *, label: str | None = None) -> None:
+            timed: TimedRuns, *, label: str | None = None, coordinators: int = 1) -> None:
     """Starts the engine, warms it up, adds one timed run of the workload to `timed`, and shuts it down."""
-    engine = start_ray_engine(cfg, setup, workload, workers)
+    engine = start_ray_engine(cfg, setup, workload, workers, coordinators)
     try:
         _ray_generate(engine, engine_requests(prompts, setup.warmup_tokens, "warmup"), lambda n: None,
                       setup.timeout_s)
@@ -213,7 +216,8 @@ def run_ray(cfg: ModelConfig, setup: EngineSetup, workload: Workload, prompts: l
         requests = engine_requests(prompts, workload.output_len, f"run{len(timed.seconds)}")
         timed.sample_load()
         cpu_before = cpu_seconds(engine)
-        with token_bar(workload.output_tokens, label or ray_label(workers), enabled=setup.progress) as bar:
+        with token_bar(workload.output_tokens, label or ray_label(workers, coordinators),
+                       enabled=setup.progress) as bar:
             seconds, steps, tokens = _ray_generate(engine, requests, bar.update, setup.timeout_s)
         timed.add(seconds, steps, tokens, delta(cpu_before, cpu_seconds(engine)))
         after = worker_seconds(engine)

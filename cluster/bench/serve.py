@@ -67,6 +67,7 @@ class ServeOptions:
     concurrency: tuple[int, ...] = ()
     request_rates: tuple[float, ...] = ()
     workers: tuple[int, ...] = (0,)
+    coordinators: tuple[int, ...] = (1,)  # engines with expert workers run once per count (0 workers: 1 only)
     transformers: bool = True  # batched generate with batch = concurrency (concurrency sweeps only)
     target: str | None = None  # an external server instead of starting one
     metrics_url: str | None = None  # its /metrics (for the server-side phase breakdown)
@@ -80,6 +81,8 @@ class ServeOptions:
             raise ValueError(f"prefix_caching needs one or both of off and on, each once, got {self.prefix_caching}")
         if self.target is not None and len(self.prefix_caching) > 1:
             raise ValueError("prefix caching is the --target server's own setting: give one value with --target")
+        if not self.coordinators or any(c < 1 for c in self.coordinators):
+            raise ValueError(f"coordinators must be >= 1, got {self.coordinators}")
         if self.shared_prefix_len < 0:
             raise ValueError(f"shared_prefix_len must be >= 0, got {self.shared_prefix_len}")
         if bool(self.concurrency) == bool(self.request_rates):
@@ -114,8 +117,12 @@ class ServeOptions:
                             shared_prefix_len=self.shared_prefix_len)
         return make_prompts(workload, cfg.vocab_size)
 
-    def engine_label(self, workers: int, caching: bool) -> str:
-        return ray_label(workers) + (caching_suffix(caching) if len(self.prefix_caching) > 1 else "")
+    def engine_label(self, workers: int, caching: bool, coordinators: int = 1) -> str:
+        return ray_label(workers, coordinators) + (caching_suffix(caching) if len(self.prefix_caching) > 1 else "")
+
+    def ray_engines(self) -> list[tuple[int, int]]:
+        """(workers, coordinators) of every Ray engine, in run order."""
+        return [(w, c) for w in self.workers for c in (self.coordinators if w else (1,))]
 
 
 @dataclass
@@ -223,8 +230,9 @@ class BackgroundGateway:
     def __enter__(self) -> Server:
         self.thread.start()
         self.gateway = self._run(self._start())
-        workers = self.engine.options.num_workers
-        return Server(label=self.label or ray_label(workers), workers=workers, target=f"127.0.0.1:{self.gateway.port}",
+        workers, coordinators = self.engine.options.num_workers, self.engine.options.num_coordinators
+        return Server(label=self.label or ray_label(workers, coordinators), workers=workers,
+                      target=f"127.0.0.1:{self.gateway.port}",
                       metrics_url=f"http://127.0.0.1:{self.gateway.metrics_port}/metrics", engine=self.engine,
                       prefix_caching=self.prefix_caching)
 
@@ -314,11 +322,11 @@ def _one_round(opts: ServeOptions, cfg: ModelConfig, collected: Collected, round
         measure_server(opts, cfg, server, collected, round_index)
     sizing = Workload(num_prompts=opts.max_in_flight, input_len=opts.input_len, output_len=opts.output_len,
                       shared_prefix_len=opts.shared_prefix_len)
-    for workers in opts.workers if opts.target is None else ():
+    for workers, coordinators in opts.ray_engines() if opts.target is None else ():
         for caching in opts.prefix_caching:
-            engine = start_ray_engine(cfg, replace(opts.setup, prefix_caching=caching), sizing, workers)
+            engine = start_ray_engine(cfg, replace(opts.setup, prefix_caching=caching), sizing, workers, coordinators)
             try:
-                with BackgroundGateway(engine, opts.engine_label(workers, caching), caching) as server:
+                with BackgroundGateway(engine, opts.engine_label(workers, caching, coordinators), caching) as server:
                     measure_server(opts, cfg, server, collected, round_index)
             finally:
                 engine.shutdown()
@@ -329,7 +337,8 @@ def run_serve(opts: ServeOptions) -> ServeReport:
     cfg = ModelConfig.from_model_dir(opts.setup.model_dir)
     torch.set_num_threads(opts.setup.threads_per_rank)
     collected = Collected()
-    with ray_session(opts.ray_address, max(opts.workers)) if opts.target is None else nullcontext():
+    num_ranks = max((w + c for w, c in opts.ray_engines()), default=1)
+    with ray_session(opts.ray_address, num_ranks) if opts.target is None else nullcontext():
         for round_index in range(opts.setup.rounds):
             _one_round(opts, cfg, collected, round_index)
     points = [s.to_point(opts.output_len) for s in collected.values()]
