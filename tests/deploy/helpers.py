@@ -43,6 +43,8 @@ COUNTERS = {
     "mixserve_request_replays_total",
     "mixserve_prefix_cache_query_tokens_total",
     "mixserve_prefix_cache_hit_tokens_total",
+    "mixserve_coordinator_placed_requests_total",
+    "mixserve_worker_phase_seconds_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",
@@ -59,6 +61,16 @@ GAUGES = {
     "mixserve_kv_cache_usage_ratio",
     "mixserve_worker_up",
     "mixserve_num_expert_workers",
+    "mixserve_coordinator_up",
+    "mixserve_num_coordinators",
+}
+# Series the gateway exports once per coordinator (label coordinator="0", "1", ...).
+PER_COORDINATOR = {
+    "mixserve_num_requests_running",
+    "mixserve_num_requests_waiting",
+    "mixserve_kv_cache_usage_ratio",
+    "mixserve_coordinator_up",
+    "mixserve_coordinator_placed_requests_total",
 }
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "RayCluster"}  # custom resources the chart renders
 METRIC_NAMES = frozenset(

@@ -10,7 +10,7 @@ from itertools import combinations
 import pytest
 import yaml
 
-from tests.deploy.helpers import DEPLOY, METRIC_NAMES, find_tool, run
+from tests.deploy.helpers import DEPLOY, METRIC_NAMES, PER_COORDINATOR, find_tool, run
 
 DASHBOARD = DEPLOY / "grafana" / "mixserve-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -84,6 +84,28 @@ def test_dashboard_covers_the_serving_signals(dashboard):
         assert queried(pattern), f"no panel queries {pattern}"
     expert_load = queried(r"by \(layer, expert\).*mixserve_expert_routed_tokens_total")
     assert [p for p in expert_load if p["type"] == "heatmap"], "a layer x expert heatmap of the routed tokens"
+
+
+def test_dashboard_covers_the_coordinators(dashboard):
+    """With --coordinators M each coordinator's health, placements, KV cache and queue have a line of their own,
+    in the Coordinators row; the expert workers' own phase seconds have a panel too."""
+    (row,) = [p for p in dashboard["panels"] if p["type"] == "row" and p["title"] == "Coordinators"]
+    top = row["gridPos"]["y"]
+    below = [p["gridPos"]["y"] for p in dashboard["panels"] if p["type"] == "row" and p["gridPos"]["y"] > top]
+    in_row = [p for p in panels(dashboard) if top < p["gridPos"]["y"] < min(below, default=10**6)]
+
+    def queried(pattern: str, among: list[dict]) -> list[dict]:
+        return [p for p in among for t in p["targets"] if re.search(pattern, t["expr"])]
+
+    health = queried(r"max by \(coordinator\) \(mixserve_coordinator_up\{", in_row)
+    assert [p for p in health if p["type"] == "state-timeline"], "a state timeline of each coordinator's up gauge"
+    for metric in sorted(PER_COORDINATOR - {"mixserve_coordinator_up"}):
+        assert queried(rf"by \(coordinator\) \((rate\()?{metric}\{{", in_row), f"no per-coordinator panel of {metric}"
+    for p in queried(r"by \(coordinator\)", in_row):
+        assert all("{{coordinator}}" in t["legendFormat"] for t in p["targets"]), p["title"]
+    (phases,) = queried(r"sum by \(worker, phase\) \(rate\(mixserve_worker_phase_seconds_total\{", panels(dashboard))
+    assert phases["targets"][0]["legendFormat"] == "worker {{worker}} {{phase}}"
+    assert phases["fieldConfig"]["defaults"]["unit"] == "percentunit", "seconds per second: a share of the time"
 
 
 def test_panels_do_not_overlap(dashboard):

@@ -101,7 +101,7 @@ def test_prometheus_rule_groups_are_complete():
     assert len(set(alerts)) == len(alerts)
     assert set(alerts) >= {
         "MixServeGatewayDown", "MixServeExpertWorkerDown", "MixServeTimeToFirstTokenHigh", "MixServeQueueGrowing",
-        "MixServeKVCacheNearlyFull", "MixServeExpertLoadImbalance",
+        "MixServeKVCacheNearlyFull", "MixServeExpertLoadImbalance", "MixServeCoordinatorDown",
     }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
-from tests.deploy.helpers import DEPLOY, RULES_FILE, find_tool, run
+from tests.deploy.helpers import DEPLOY, PER_COORDINATOR, RULES_FILE, find_tool, run
 
 PROM = DEPLOY / "prometheus"
 
@@ -42,3 +44,17 @@ def test_unit_tests_cover_every_alert_firing_and_not_firing():
             (fired if case["exp_alerts"] else quiet).add(case["alertname"])
     assert alerts - fired == set(), "alerts never tested firing"
     assert alerts - quiet == set(), "alerts never tested not firing"
+
+
+def test_per_coordinator_alerts_name_the_coordinator():
+    """An alert on a per-coordinator series fires once per coordinator: its summary and description say which."""
+    rules = [r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"]]
+    per_coordinator = [r for r in rules if set(re.findall(r"\bmixserve_[a-z0-9_]+", r["expr"])) & PER_COORDINATOR]
+    assert {r["alert"] for r in per_coordinator} >= {
+        "MixServeCoordinatorDown", "MixServeKVCacheNearlyFull", "MixServeQueueGrowing",
+    }
+    for rule in per_coordinator:
+        for kept in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
+            assert "coordinator" in kept, f"{rule['alert']}: by ({kept}) drops the coordinator label"
+        for field in ("summary", "description"):
+            assert "{{ $labels.coordinator }}" in rule["annotations"][field], f"{rule['alert']} {field}"
