@@ -136,11 +136,6 @@ class ExpertWorker:
                 "rows_per_local_expert": self.rank.rows_per_local_expert.tolist()}
 
 
-# With several coordinators an idle one gathers step headers this often, so that a peer with work waits at
-# most this long for it (docs/SCALING.md, "Several coordinators"); while a peer steps it gathers at once.
-PEER_IDLE_INTERVAL_S = 0.01
-
-
 class Coordinator:
     """Dense weights, KV cache, scheduler and engine loop: rank `index` of the group. With no expert workers
     (`parallel` is None) it also holds every expert and runs them in-process."""
@@ -157,6 +152,7 @@ class Coordinator:
         self.scheduler = scheduler
         self.group: ProcessGroupHandle | None = None
         self.loop: EngineLoop | None = None
+        self.peers: list[ray.actor.ActorHandle] = []  # the other coordinators (cluster.engine_loop: wake_peers)
         self.experts: DistributedExperts | LocalExperts | None = None
         self.cfg: ModelConfig | None = None
         self.dense: DenseWeights | None = None
@@ -190,17 +186,19 @@ class Coordinator:
         except Exception as exc:
             raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
 
-    def start(self, init_method: str | None, engine: EngineSettings) -> None:
-        """Joins the expert-parallel group (all ranks at once) and starts the engine loop. After halt() it
-        starts again on a new group with the weights it holds (a fresh KV cache: requests are replayed)."""
+    def start(self, init_method: str | None, engine: EngineSettings, peers: list | None = None) -> None:
+        """Joins the expert-parallel group (all ranks at once) and starts the engine loop; `peers`: the other
+        coordinators' actors. After halt() it starts again on a new group with the weights it holds (a fresh
+        KV cache: requests are replayed)."""
         assert self.loop is None or not self.loop.running, f"{self.name}: halt() before starting again"
+        self.peers = list(peers or [])
         self.torch_thread.call(self._build_engine, init_method, engine)
         assert self.loop is not None
         self.loop.start(self.torch_thread)
 
     def _build_engine(self, init_method: str | None, engine: EngineSettings) -> None:
         assert self.dense is not None and self.cfg is not None, f"{self.name}: load() before start()"
-        keepalive = None
+        headers = None
         if self.parallel is None:
             assert self.local_shard is not None
             self.experts = LocalExperts(self.local_shard)
@@ -219,10 +217,7 @@ class Coordinator:
                 row_bytes=self.cfg.hidden_size * self.settings.dtype.itemsize, num_layers=self.cfg.num_hidden_layers,
                 hidden_size=self.cfg.hidden_size, dtype=self.settings.dtype,
             )
-            keepalive = self.experts.keepalive
-        interval_s = self.settings.collective_timeout_s / 4  # alone: only the collective timeout needs it
-        if self.parallel is not None and self.parallel.num_coordinators > 1:
-            interval_s = PEER_IDLE_INTERVAL_S
+            headers = self.experts
         # the cache is sized here, on the coordinator's own device, after its weights are loaded
         engine = replace(engine, device=_device(self.settings))
         try:
@@ -233,7 +228,20 @@ class Coordinator:
                                        block_size=engine.block_size,
                                        compile_small_steps=self.settings.compile_small_steps,
                                        micro_batching=self.settings.micro_batching)
-        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), keepalive=keepalive, keepalive_interval_s=interval_s)
+        self.loop = EngineLoop(LLMEngine(rank, self.scheduler), headers=headers,
+                               keepalive_interval_s=self.settings.collective_timeout_s / 4,
+                               wake_peers=self._wake_peers if self.peers else None)
+
+    def _wake_peers(self, exchange: int) -> None:
+        """On the loop's thread: asks the other coordinators to join header exchange `exchange` (no reply
+        awaited; a dead peer fails the exchange itself, at the collective timeout)."""
+        for peer in self.peers:
+            peer.join_exchange.remote(exchange)
+
+    def join_exchange(self, exchange: int) -> None:
+        """A peer coordinator enters header exchange `exchange`: this one's loop joins it."""
+        if self.loop is not None:
+            self.loop.join_exchange(exchange)
 
     def info(self) -> RankInfo:
         names = list(self.dense.tensor_names) if self.dense else []

@@ -6,10 +6,15 @@ update channel (cluster.update_channel); updates made while no one subscribes wa
 subscriber. A lost subscriber aborts every request in flight: no one is left to read them.
 
 When idle the loop sends a keepalive so expert ranks blocked on the next step header stay inside the
-collective timeout. With several coordinators the keepalive also joins a peer's step (with nothing to send)
-and says so; the loop then gathers again at once rather than after the interval. A failed step (a dead
-worker, a timed-out collective) ends every in-flight request with an error update and fails later
-submissions with WorkerUnavailable: never a hang, never a silent wrong answer.
+collective timeout. With several coordinators every coordinator must join every header exchange, and an
+idle one does not poll for its peers' work: a loop that enters an exchange from idle (its own work, or the
+keepalive interval) first wakes its peers (`wake_peers`, with the exchange's number), a woken loop joins
+that exchange (`join_exchange`), and after an exchange that ran a step every loop exchanges again at once
+(its own step, or a keepalive joining a peer's). Exchanges are counted alike on every coordinator, since all
+join each one, so a wake for an exchange already joined is recognised and dropped (docs/SCALING.md, "Several
+coordinators"). A failed step (a dead worker, a timed-out collective) ends every in-flight request with an
+error update and fails later submissions with WorkerUnavailable: never a hang, never a silent wrong
+answer.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
+from typing import Protocol
 
 from cluster.engine import LLMEngine
 from cluster.engine_stats import StatsSnapshot, merge_snapshots
@@ -30,15 +36,30 @@ from cluster.update_channel import ChannelAddress, ChannelClosed, UpdateBatch, U
 log = logging.getLogger(__name__)
 
 
+class StepHeaders(Protocol):
+    """The coordinator's side of the step-header exchange (workers.runtime.distributed_experts)."""
+
+    exchanges: int  # header exchanges joined so far
+
+    def keepalive(self) -> bool:
+        """One exchange with nothing to step; runs any peer's step with nothing to send and says whether."""
+        ...
+
+
 class EngineLoop:
     def __init__(
-        self, engine: LLMEngine, *, keepalive: Callable[[], bool] | None = None, keepalive_interval_s: float = 2.0
+        self, engine: LLMEngine, *, headers: StepHeaders | None = None, keepalive_interval_s: float = 2.0,
+        wake_peers: Callable[[int], None] | None = None,
     ) -> None:
+        """headers: with expert workers, the exchange the loop keeps alive; wake_peers(exchange): with several
+        coordinators, asks every peer to join that header exchange (the one this loop enters next)."""
         self.engine = engine
         self.max_waiting = engine.scheduler.config.max_waiting
         self._stats: list[StatsSnapshot] = []
-        self.keepalive = keepalive
+        self.headers = headers
         self.keepalive_interval_s = keepalive_interval_s
+        self.wake_peers = wake_peers
+        self._wake_for = 0  # the latest exchange a peer asked this loop to join
         self._cond = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._aborts: list[str] = []
@@ -67,6 +88,12 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         with self._cond:
             self._aborts.append(request_id)
+            self._cond.notify_all()
+
+    def join_exchange(self, exchange: int) -> None:
+        """A peer coordinator enters header exchange number `exchange` and needs this loop there too."""
+        with self._cond:
+            self._wake_for = max(self._wake_for, exchange)
             self._cond.notify_all()
 
     def subscribe(self, address: ChannelAddress) -> None:
@@ -101,11 +128,11 @@ class EngineLoop:
             wait([self._future], timeout=timeout_s)
 
     def _run(self) -> None:
-        last_collective = time.monotonic()
-        peer_stepping = False  # the last keepalive joined a peer coordinator's step: it may step again at once
+        last_exchange = time.monotonic()
+        lockstep = False  # the last exchange ran a step: with several coordinators all exchange again at once
         while True:
             with self._cond:
-                self._cond.wait_for(self._has_input, timeout=0.0 if peer_stepping else self.keepalive_interval_s)
+                self._cond.wait_for(self._has_input, timeout=0.0 if lockstep else self.keepalive_interval_s)
                 if self._stopping:
                     self.close_publisher()
                     return
@@ -114,19 +141,34 @@ class EngineLoop:
             updates = self._admit(inbox) + [u for rid in aborts if (u := self.engine.abort(rid))]
             try:
                 if self.engine.has_work():
+                    if not lockstep:
+                        self._wake()
                     updates += self.engine.step()
-                    last_collective, peer_stepping = time.monotonic(), False
-                elif self.keepalive and (peer_stepping or
-                                         time.monotonic() - last_collective >= self.keepalive_interval_s):
-                    peer_stepping = self.keepalive()
-                    last_collective = time.monotonic()
+                    last_exchange, lockstep = time.monotonic(), self.wake_peers is not None
+                elif self.headers is not None and (
+                        lockstep or self._owes_exchange()
+                        or time.monotonic() - last_exchange >= self.keepalive_interval_s):
+                    if not (lockstep or self._owes_exchange()):
+                        self._wake()  # the keepalive interval, from idle
+                    lockstep = self.headers.keepalive()
+                    last_exchange = time.monotonic()
             except Exception as exc:  # a worker died or a collective timed out
                 self._fail(updates, f"expert-parallel step failed: {exc}")
                 return
             self._publish(updates)
 
+    def _wake(self) -> None:
+        """Entering an exchange from idle: every peer coordinator must join it."""
+        if self.wake_peers is not None and self.headers is not None:
+            self.wake_peers(self.headers.exchanges + 1)
+
+    def _owes_exchange(self) -> bool:
+        """A peer waits in an exchange this loop has not joined yet."""
+        return self.headers is not None and self._wake_for > self.headers.exchanges
+
     def _has_input(self) -> bool:
-        return bool(self._inbox or self._aborts or self._stopping or self._flush or self.engine.has_work())
+        return bool(self._inbox or self._aborts or self._stopping or self._flush or self.engine.has_work()
+                    or self._owes_exchange())
 
     def _admit(self, inbox: list[GenerationRequest]) -> list[SequenceUpdate]:
         rejected = []

@@ -187,7 +187,8 @@ class RayExpertParallelEngine:
     def _join_all(self) -> None:
         if self.parallel is not None:
             self.rendezvous = ray.get(self.coordinators[0].rendezvous_address.remote())
-        refs = [c.start.remote(self.rendezvous, self.settings) for c in self.coordinators]
+        refs = [c.start.remote(self.rendezvous, self.settings, [p for p in self.coordinators if p is not c])
+                for c in self.coordinators]
         if self.parallel is not None:
             refs += [
                 w.join_group.remote(self.rendezvous, self.parallel)

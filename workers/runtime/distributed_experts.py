@@ -62,6 +62,7 @@ class DistributedExperts:
         self.local_index_E = torch.tensor(parallel.local_index_of_expert, dtype=torch.int64, device=device)
         self.receivers = parallel.worker_ranks
         self.capacities: tuple[int, ...] = ()  # this step's, one per micro-batch of the step's plan
+        self.exchanges = 0  # header exchanges so far: every coordinator joins each, so the counts agree
 
     def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> int:
         """Sends this step's header; returns the step's micro-batch count, which with several coordinators
@@ -92,6 +93,7 @@ class DistributedExperts:
                 self._empty_step(plan)
 
     def _exchange(self, header: StepHeader) -> StepPlan:
+        self.exchanges += 1
         return exchange_headers(header, group=self.group, device=self.device,
                                 num_coordinators=self.parallel.num_coordinators)
 
