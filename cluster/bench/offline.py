@@ -75,18 +75,19 @@ def agreement(tokens: list[list[int]], reference: list[list[int]] | None) -> flo
 
 
 def engine_run(label: str, engine: str, workers: int | None, timed: TimedRuns, workload: Workload,
-               setup: EngineSetup, reference: list[list[int]] | None) -> EngineRun:
-    """The record of one engine: median wall time; phases, steps and worker phases per run (means)."""
+               setup: EngineSetup, reference: list[list[int]] | None, coordinators: int = 1) -> EngineRun:
+    """The record of one engine: median wall time; phases, steps and worker phases per run (means; with several
+    coordinators summed over them)."""
     runs = len(timed.seconds)
     per_run = {k: v / runs for k, v in timed.phases.items()} if engine != TRANSFORMERS else {}
     settings = {"threads": str(setup.threads_per_rank), "max_batched_tokens": str(setup.max_batched_tokens)}
     mean_seconds = sum(timed.seconds) / runs
     return EngineRun(
-        label=label, engine=engine, workers=workers,
+        label=label, engine=engine, workers=workers, coordinators=coordinators,
         **timing_fields(timed.seconds, workload.num_prompts, workload.output_tokens),
         steps=timed.steps // runs, phase_seconds=per_run,
         prefill_seconds=timed.prefill_seconds / runs, decode_seconds=timed.decode_seconds / runs,
-        unaccounted_seconds=mean_seconds - sum(per_run.values()) if per_run else None,
+        unaccounted_seconds=mean_seconds - sum(per_run.values()) if per_run and coordinators == 1 else None,
         worker_phase_seconds=tuple({k: v / runs for k, v in w.items()} for w in timed.worker_phases),
         cpu_seconds={k: v / runs for k, v in timed.cpu.items()},
         exact_output_len=all(len(t) == workload.output_len for t in timed.tokens),
@@ -108,6 +109,7 @@ class _Engine:
     kind: str
     workers: int | None
     run: Callable[[TimedRuns], None]  # one warmed-up, timed run of the workload
+    coordinators: int = 1
 
 
 def _engines(opts: OfflineOptions, cfg: ModelConfig, prompts: list[tuple[int, ...]]) -> list[_Engine]:
@@ -123,7 +125,7 @@ def _engines(opts: OfflineOptions, cfg: ModelConfig, prompts: list[tuple[int, ..
                 label = ray_label(w, c) + (f", {m} micro-batches" if w and len(opts.micro_batches) > 1 else "")
                 variant = replace(setup, micro_batching=replace(setup.micro_batching, micro_batches=m)) if w else setup
                 out.append(_Engine(label, RAY, w, partial(run_ray, cfg, variant, workload, prompts, w, label=label,
-                                                          coordinators=c)))
+                                                          coordinators=c), coordinators=c))
     return out
 
 
@@ -157,7 +159,8 @@ def run_offline(opts: OfflineOptions) -> OfflineReport:
     rates.append(_machine_rates(setup))
     floor, roofline = _floors(cfg, opts, rates)
     reference = timed[HF_LABEL].tokens if opts.transformers else None
-    runs = [engine_run(e.label, e.kind, e.workers, timed[e.label], workload, setup, reference) for e in engines]
+    runs = [engine_run(e.label, e.kind, e.workers, timed[e.label], workload, setup, reference, e.coordinators)
+            for e in engines]
     label = opts.reference_label
     return OfflineReport(
         mode="offline", meta=machine.run_meta(start), model=ModelSummary.of(setup.model_dir, cfg), workload=workload,

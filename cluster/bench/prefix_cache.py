@@ -27,6 +27,7 @@ class CachedRun:
     workers: int | None
     point: str
     prefix_caching: bool
+    coordinators: int = 1
     ttft_p50: float | None  # seconds; None without a finished request
     token_ids: tuple[tuple[int, ...], ...]  # per request, every round's requests in prompt order
 
@@ -62,17 +63,18 @@ def first_difference(off: tuple[tuple[int, ...], ...], on: tuple[tuple[int, ...]
 
 
 def compare(runs: list[CachedRun]) -> list[PrefixCacheComparison]:
-    """One comparison per (point, workers) measured both with and without the cache, in the order measured."""
-    by_key: dict[tuple[str, int | None], dict[bool, CachedRun]] = {}
+    """One comparison per (point, workers, coordinators) measured both with and without the cache, in the order
+    measured."""
+    by_key: dict[tuple[str, int | None, int], dict[bool, CachedRun]] = {}
     for run in runs:
-        pair = by_key.setdefault((run.point, run.workers), {})
+        pair = by_key.setdefault((run.point, run.workers, run.coordinators), {})
         if run.prefix_caching in pair:
             twin = pair[run.prefix_caching].label
             raise ValueError(f"two runs of {run.point}, workers={run.workers}, prefix caching "
                              f"{switch_label(run.prefix_caching)}: {twin!r} and {run.label!r}")
         pair[run.prefix_caching] = run
     out = []
-    for (point, workers), pair in by_key.items():
+    for (point, workers, _), pair in by_key.items():
         if set(pair) != {False, True}:
             continue
         off, on = pair[False], pair[True]

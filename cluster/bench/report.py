@@ -84,6 +84,7 @@ class EngineRun:
     engine: str  # transformers | in-process | ray
     workers: int | None  # Ray expert workers (0: experts in the coordinator actor)
     seconds: float  # median over the timed runs (one per round)
+    coordinators: int = 1  # Ray coordinators; with several, steps and phases are summed over them
     run_seconds: tuple[float, ...]
     best_seconds: float  # the fastest run: least disturbed by other processes
     requests: int
@@ -94,7 +95,7 @@ class EngineRun:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # engine StepTimings, summed over steps
     prefill_seconds: float | None = None  # steps holding prompt tokens (transformers: start → first token)
     decode_seconds: float | None = None  # one-token steps (transformers: first token → end)
-    unaccounted_seconds: float | None = None  # mean wall time − phases: scheduling, Ray calls, Python
+    unaccounted_seconds: float | None = None  # mean wall time − phases (one coordinator only): scheduling, Ray calls
     worker_phase_seconds: tuple[dict[str, float], ...] = ()  # each expert worker's own timings
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # per run, by process (cluster.bench.runners)
     exact_output_len: bool = True  # every request produced exactly output_len tokens
@@ -328,7 +329,8 @@ def format_offline(report: OfflineReport, *, markdown: bool = False) -> str:
     return join_tables([
         ("", _offline_summary(report)), ("", f"reference for the EP overhead: {report.reference_label}"),
         ("", render(headers, headline, markdown=markdown)),
-        ("seconds per run (means): prefill / decode steps, then the engine's (Ray: coordinator's) phases:",
+        ("seconds per run (means): prefill / decode steps, then the engine's (Ray: coordinator's) phases; with "
+         "several coordinators, summed over them (their steps overlap, so no unaccounted time):",
          render(["engine", "steps", "prefill steps", "decode steps", *PHASES, "unaccounted", "mean total"], phases,
                 markdown=markdown)),
         ("expert workers' own seconds per run:",

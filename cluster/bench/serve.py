@@ -135,6 +135,7 @@ class PointSamples:
     workers: int | None
     point: SweepPoint
     prefix_caching: bool | None = None  # None: not a mixserve engine we started (transformers, --target)
+    coordinators: int = 1
     traces: list[ClientTrace] = field(default_factory=list)
     seconds: float = 0.0
     rounds: int = 0
@@ -181,7 +182,8 @@ class PointSamples:
         assert self.prefix_caching is not None, f"{self.label} is not a mixserve engine started by the bench"
         ok = [t for t in self.traces if t.error is None]
         return CachedRun(label=self.label, workers=self.workers, point=self.point.key,
-                         prefix_caching=self.prefix_caching, ttft_p50=load.summarize(ok).ttft.p50,
+                         prefix_caching=self.prefix_caching, coordinators=self.coordinators,
+                         ttft_p50=load.summarize(ok).ttft.p50,
                          token_ids=tuple(t.token_ids for t in self.traces))
 
 
@@ -189,9 +191,10 @@ class Collected(dict[tuple[str, str], PointSamples]):
     """PointSamples by (engine label, point key), in the order first measured."""
 
     def at(self, label: str, engine: str, workers: int | None, point: SweepPoint,
-           prefix_caching: bool | None = None) -> PointSamples:
-        return self.setdefault((label, point.key), PointSamples(label=label, engine=engine, workers=workers,
-                                                                point=point, prefix_caching=prefix_caching))
+           prefix_caching: bool | None = None, coordinators: int = 1) -> PointSamples:
+        return self.setdefault((label, point.key), PointSamples(
+            label=label, engine=engine, workers=workers, point=point, prefix_caching=prefix_caching,
+            coordinators=coordinators))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,7 +275,8 @@ def measure_server(opts: ServeOptions, cfg: ModelConfig, server: Server, collect
         cpu = machine.delta(cpu_before, cpu_seconds(server.engine))
         expected = sum(t.tokens for t in traces)
         after = load.scrape_settled(server.metrics_url, before, expected) if server.metrics_url else {}
-        collected.at(server.label, RAY, server.workers, point, server.prefix_caching).add(
+        coordinators = server.engine.options.num_coordinators if server.engine else 1
+        collected.at(server.label, RAY, server.workers, point, server.prefix_caching, coordinators).add(
             traces, seconds, server_phases=load.phase_delta(before, after),
             worker_phases=worker_delta(workers_before, worker_seconds(server.engine)),
             loads=(load_before, machine.load_average()[0]), cpu=cpu,

@@ -5,6 +5,7 @@ pairing off with on, the TTFT ratio, the token-by-token check, and the command-l
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,14 @@ def test_compare_pairs_off_with_on_and_checks_every_token():
     assert rows[1][-1] == "NO (request 1)"
     with pytest.raises(ValueError, match="two runs"):
         compare([_run("c=8", 0, True, 0.1, same), _run("c=8", 0, True, 0.2, same)])
+
+
+def test_engines_with_other_coordinator_counts_are_compared_apart():
+    same = [[5, 6]]
+    runs = [replace(_run("c=8", 1, caching, 0.5, same), coordinators=coordinators, label=f"c{coordinators} {caching}")
+            for coordinators in (1, 2) for caching in (False, True)]
+    one, two = compare(runs)
+    assert (one.off_label, one.on_label, two.off_label, two.on_label) == ("c1 False", "c1 True", "c2 False", "c2 True")
 
 
 def test_a_missing_request_or_ttft_is_not_a_match():
