@@ -154,13 +154,17 @@ class ParallelConfig:
     """Where each expert lives: ranks 0..num_coordinators-1 are attention ranks (coordinators), expert workers
     are the ranks after them.
 
-    `worker_of_expert[e]` is the worker index (0-based) holding expert e, the same for every layer;
-    `local_index_of_expert[e]` is its position among that worker's experts (sorted by global id). The one
-    placement record: the Ray layer reads which checkpoint tensors each worker opens from it, the attention
-    rank where each row goes.
+    `worker_of_expert[e]` is the worker index (0-based) holding expert e's first copy, the same for every
+    layer; `redundant_copies` are its other copies (replicas), as (expert, worker) pairs: expert e's copies, in
+    replica order, are `workers_of_expert[e]` = (worker_of_expert[e], then the workers of its pairs in order).
+    A worker holds at most one copy of an expert; its local experts are the experts it holds, sorted by global
+    id, and a copy's local index is its expert's position among them. The one placement record: the Ray layer
+    reads which checkpoint tensors each worker opens from it, the attention rank where each row goes.
     """
 
     worker_of_expert: tuple[int, ...]
+    # copies beyond each expert's first, (expert, worker) in replica order (`contiguous(redundant_experts=R)`)
+    redundant_copies: tuple[tuple[int, int], ...] = ()
     collective_timeout_s: float = 20.0
     # A step's rows go out in one collective with their counts (workers.comm.single_source) while the padding
     # it sends, workers x T*K rows, stays within this many bytes (one worker: always, it pads nothing); 0: never.
@@ -178,11 +182,13 @@ class ParallelConfig:
         if not self.worker_of_expert:
             raise ConfigError("worker_of_expert is empty: there must be at least one expert")
         for expert, worker in enumerate(self.worker_of_expert):
-            if not isinstance(worker, int) or isinstance(worker, bool) or worker < 0:
+            if not _is_index(worker):
                 raise ConfigError(
                     f"worker_of_expert: expert {expert} is assigned to worker {worker!r}, not a worker index >= 0"
                 )
-        idle = sorted(set(range(self.num_workers)) - set(self.worker_of_expert))
+        self._check_redundant_copies()
+        held = {w for workers in self.workers_of_expert for w in workers}
+        idle = sorted(set(range(self.num_workers)) - held)
         if idle:
             raise ConfigError(
                 f"worker_of_expert: workers {idle} of 0..{self.num_workers - 1} hold no experts: "
@@ -193,23 +199,59 @@ class ParallelConfig:
         if self.single_collective_max_bytes < 0:
             raise ConfigError(f"single_collective_max_bytes must be >= 0, got {self.single_collective_max_bytes}")
 
+    def _check_redundant_copies(self) -> None:
+        if not isinstance(self.redundant_copies, tuple):
+            raise ConfigError(f"redundant_copies must be a tuple, got {type(self.redundant_copies).__name__}")
+        held = set(enumerate(self.worker_of_expert))
+        for copy in self.redundant_copies:
+            if not (isinstance(copy, tuple) and len(copy) == 2 and all(map(_is_index, copy))):
+                raise ConfigError(f"redundant_copies: {copy!r} is not an (expert, worker) pair of indices >= 0")
+            expert, worker = copy
+            if expert >= self.num_experts:
+                raise ConfigError(f"redundant_copies: expert {expert} is outside [0, {self.num_experts})")
+            if copy in held:
+                raise ConfigError(
+                    f"redundant_copies: worker {worker} would hold expert {expert} twice (a worker holds at most "
+                    "one copy of an expert)"
+                )
+            held.add(copy)
+
     @classmethod
-    def contiguous(cls, *, num_experts: int, num_workers: int, **options: Any) -> ParallelConfig:
-        """Contiguous, as-even-as-possible blocks: 8 experts on 3 workers -> [0,1,2], [3,4,5], [6,7].
-        options: the other fields (collective_timeout_s, single_collective_max_bytes)."""
+    def contiguous(
+        cls, *, num_experts: int, num_workers: int, redundant_experts: int = 0, **options: Any
+    ) -> ParallelConfig:
+        """Contiguous, as-even-as-possible blocks of physical copies: 8 experts on 3 workers -> [0,1,2],
+        [3,4,5], [6,7]. With redundant_experts R the copies are experts 0..E-1, then R more: experts 0, 1, ...
+        again, round after round (R = E: every expert twice), so 8 experts + 2 on 4 workers -> [0,1,2], [3,4,5],
+        [6,7], [0,1]. A block never holds an expert twice (copies of one expert are E apart, blocks at most E
+        long). options: the other fields (collective_timeout_s, single_collective_max_bytes, ...)."""
         _positive("num_experts", num_experts)
         _positive("num_workers", num_workers)
-        if num_workers > num_experts:
+        if not isinstance(redundant_experts, int) or isinstance(redundant_experts, bool) or redundant_experts < 0:
+            raise ConfigError(f"redundant_experts must be an integer >= 0, got {redundant_experts!r}")
+        physical = num_experts + redundant_experts
+        if num_workers > physical:
+            extra = f" + redundant_experts ({redundant_experts})" if redundant_experts else ""
             raise ConfigError(
-                f"num_workers ({num_workers}) exceeds num_experts ({num_experts}): "
-                "every worker must hold at least one expert"
+                f"num_workers ({num_workers}) exceeds num_experts ({num_experts}){extra}: every worker must hold "
+                "at least one expert (redundant experts add copies)"
             )
-        base, extra = divmod(num_experts, num_workers)
-        boundary = extra * (base + 1)  # the first `extra` workers hold base + 1 experts, the rest base
-        worker_of_expert = tuple(
-            e // (base + 1) if e < boundary else extra + (e - boundary) // base for e in range(num_experts)
+        if redundant_experts > num_experts * (num_workers - 1):
+            raise ConfigError(
+                f"redundant_experts ({redundant_experts}) exceeds {num_experts * (num_workers - 1)}: a worker holds "
+                f"at most one copy of an expert, so {num_workers} workers hold at most {num_workers} copies of each "
+                f"of the {num_experts} experts"
+            )
+        base, extra = divmod(physical, num_workers)
+        boundary = extra * (base + 1)  # the first `extra` workers hold base + 1 copies, the rest base
+        worker_of_copy = [
+            p // (base + 1) if p < boundary else extra + (p - boundary) // base for p in range(physical)
+        ]
+        return cls(
+            worker_of_expert=tuple(worker_of_copy[:num_experts]),
+            redundant_copies=tuple((p % num_experts, worker_of_copy[p]) for p in range(num_experts, physical)),
+            **options,
         )
-        return cls(worker_of_expert=worker_of_expert, **options)
 
     @property
     def num_experts(self) -> int:
@@ -217,7 +259,7 @@ class ParallelConfig:
 
     @property
     def num_workers(self) -> int:
-        return max(self.worker_of_expert) + 1
+        return max((*self.worker_of_expert, *(w for _, w in self.redundant_copies))) + 1
 
     @property
     def world_size(self) -> int:
@@ -227,26 +269,59 @@ class ParallelConfig:
     def worker_ranks(self) -> tuple[int, ...]:
         return tuple(range(self.num_coordinators, self.world_size))
 
+    @property
+    def workers_of_expert(self) -> tuple[tuple[int, ...], ...]:
+        """[E][copies]: the worker of each copy of each expert, in replica order (the first: worker_of_expert)."""
+        workers: list[list[int]] = [[w] for w in self.worker_of_expert]
+        for expert, worker in self.redundant_copies:
+            workers[expert].append(worker)
+        return tuple(map(tuple, workers))
+
+    @property
+    def copies_of_expert(self) -> tuple[int, ...]:
+        return tuple(map(len, self.workers_of_expert))
+
+    @property
+    def replicated(self) -> bool:
+        """Whether any expert has more than one copy (the dispatcher then splits its rows)."""
+        return bool(self.redundant_copies)
+
     def experts_of_worker(self, worker: int) -> tuple[int, ...]:
-        """Sorted global expert ids held by `worker`."""
+        """Sorted global expert ids held by `worker` (its local experts, in local index order)."""
         if not 0 <= worker < self.num_workers:
             raise ConfigError(f"worker {worker} is out of range [0, {self.num_workers})")
-        return tuple(e for e, w in enumerate(self.worker_of_expert) if w == worker)
+        return tuple(e for e, workers in enumerate(self.workers_of_expert) if worker in workers)
+
+    @property
+    def replica_ranks(self) -> tuple[tuple[int, ...], ...]:
+        """[E][copies]: the rank of each copy of each expert."""
+        return tuple(tuple(w + self.num_coordinators for w in ws) for ws in self.workers_of_expert)
+
+    @property
+    def replica_local_indices(self) -> tuple[tuple[int, ...], ...]:
+        """[E][copies]: each copy's local index on its worker (its expert's position among the worker's)."""
+        local = {w: {e: i for i, e in enumerate(self.experts_of_worker(w))} for w in range(self.num_workers)}
+        return tuple(tuple(local[w][e] for w in ws) for e, ws in enumerate(self.workers_of_expert))
 
     @property
     def rank_of_expert(self) -> tuple[int, ...]:
-        return tuple(w + self.num_coordinators for w in self.worker_of_expert)
+        """The rank of each expert's first copy."""
+        return tuple(ranks[0] for ranks in self.replica_ranks)
 
     @property
     def local_index_of_expert(self) -> tuple[int, ...]:
-        seen: dict[int, int] = {}
-        out = []
-        for w in self.worker_of_expert:
-            out.append(seen.get(w, 0))
-            seen[w] = out[-1] + 1
-        return tuple(out)
+        """The local index of each expert's first copy."""
+        return tuple(indices[0] for indices in self.replica_local_indices)
 
     @property
     def max_local_experts(self) -> int:
         """e_max: the largest number of experts any worker holds."""
-        return max(self.worker_of_expert.count(w) for w in range(self.num_workers))
+        held = [0] * self.num_workers
+        for workers in self.workers_of_expert:
+            for worker in workers:
+                held[worker] += 1
+        return max(held)
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -8,7 +8,8 @@ coordinators (ParallelConfig.num_coordinators) every coordinator's header is exc
 the step's collectives in lockstep: the most micro-batches any of them asked for, split sizes first, and a
 coordinator with nothing (or less) to send joins with empty micro-batches (`keepalive`, `stop`).
 `start_moe` issues a micro-batch's dispatch and combine without waiting (workers.comm.overlap), so the
-attention rank can compute the next micro-batch while the experts work.
+attention rank can compute the next micro-batch while the experts work. An expert with several copies
+(redundant experts) gets its rows split between them by count (workers.runtime.replicas).
 Shapes: T tokens, K top-k, N = T*K rows, D model dim.
 """
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from workers.comm import PendingRows, fixed_capacity_rows, send_from_source
 from workers.config import ParallelConfig
 from workers.model.experts import weight_and_sum
+from workers.runtime.replicas import ReplicaTable
 from workers.runtime.step_header import Command, StepHeader, StepPlan, exchange_headers
 from workers.runtime.timing import StepTimings
 
@@ -58,8 +60,9 @@ class DistributedExperts:
         self.device = device
         self.top_k = top_k
         self.row_bytes = row_bytes
-        self.rank_of_expert_E = torch.tensor(parallel.rank_of_expert, dtype=torch.int64, device=device)
-        self.local_index_E = torch.tensor(parallel.local_index_of_expert, dtype=torch.int64, device=device)
+        self.replicas = ReplicaTable.from_parallel(parallel, device)  # where each copy of each expert lives
+        self.max_local_experts = parallel.max_local_experts  # e_max (derived from the placement: computed once)
+        self.coordinator = dist.get_rank(group)  # rotates the replica split with the layer and micro-batch
         self.receivers = parallel.worker_ranks
         self.capacities: tuple[int, ...] = ()  # this step's, one per micro-batch of the step's plan
         self.exchanges = 0  # header exchanges so far: every coordinator joins each, so the counts agree
@@ -122,9 +125,11 @@ class DistributedExperts:
         with timings.phase("dispatch"):
             ids_N = ids_TK.reshape(-1)
             x_ND = x_TD.repeat_interleave(top_k, dim=0)  # row n is token n // K
+            rank_N, local_index_N = self.replicas.destinations(  # a replicated expert's rows split over its copies
+                ids_N, rotation=layer + micro_batch + self.coordinator)
             rows = send_from_source(
-                x_ND, self.rank_of_expert_E[ids_N], self.local_index_E[ids_N], group=self.group,
-                num_local_experts_max=self.parallel.max_local_experts, capacity=self.capacities[micro_batch],
+                x_ND, rank_N, local_index_N, group=self.group,
+                num_local_experts_max=self.max_local_experts, capacity=self.capacities[micro_batch],
                 receivers=self.receivers,
             )
         return PendingMoE(rows, weights_TK)
