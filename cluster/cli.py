@@ -56,6 +56,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinators", type=int, default=1,
                         help="attention ranks sharing the expert workers, each with its own scheduler and KV cache "
                              "(the gateway places each request on the least loaded); more than 1 needs --workers")
+    parser.add_argument("--redundant-experts", type=int, default=0,
+                        help="extra physical expert copies (replicas) spread over the expert workers: copies of "
+                             "experts 0, 1, ... in turn; each expert's rows are split between its copies, and "
+                             "--workers may exceed the experts; needs --workers")
     parser.add_argument("--placement", default="PACK", help="placement group strategy: PACK, SPREAD, STRICT_*")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--collective-timeout", type=float, default=20.0, help="seconds before a collective fails")
@@ -198,11 +202,15 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
 
 
 def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    return ClusterOptions(
-        num_workers=args.workers, num_coordinators=args.coordinators, placement_strategy=args.placement,
+    """The scale flags, checked against the model's experts before anything starts."""
+    options = ClusterOptions(
+        num_workers=args.workers, num_coordinators=args.coordinators, redundant_experts=args.redundant_experts,
+        placement_strategy=args.placement,
         collective_timeout_s=args.collective_timeout,
         cpu=CpuPolicy(threads_per_rank=args.threads, reserved_cpus=_reserved_cpus(args)),
     )
+    options.placement(ModelConfig.from_model_dir(args.model).num_local_experts)
+    return options
 
 
 def _reserved_cpus(args: argparse.Namespace) -> int:
@@ -218,10 +226,10 @@ def run_generate(args: argparse.Namespace) -> int:
         request_id="cli-0", prompt_token_ids=_prompt_ids(args, tokenizer), sampling=sampling,
         max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
     )
+    options = _cluster_options(args)
     if settings.num_workers == 0:
         (result,) = build_local_engine(settings).generate([request])
     else:
-        options = _cluster_options(args)
         with ray_session(args.ray_address, options.num_coordinators + options.num_workers), \
                 RayExpertParallelEngine(settings, options) as engine:
             (result,) = engine.generate([request])

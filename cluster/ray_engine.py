@@ -39,6 +39,9 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 class ClusterOptions:
     num_workers: int
     num_coordinators: int = 1
+    # physical expert copies beyond the model's experts, spread over the workers (ParallelConfig.contiguous);
+    # lets num_workers exceed the experts
+    redundant_experts: int = 0
     placement_strategy: str = "PACK"
     cpus_per_rank: float = 1.0
     cpu: CpuPolicy = field(default_factory=CpuPolicy)  # threads, OpenMP spinning, malloc, reserved cores
@@ -52,8 +55,21 @@ class ClusterOptions:
             raise ValueError(f"num_coordinators must be >= 1, got {self.num_coordinators}")
         if self.num_coordinators > 1 and not self.num_workers:
             raise ValueError(f"{self.num_coordinators} coordinators share expert workers: num_workers must be >= 1")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        if self.redundant_experts and not self.num_workers:
+            raise ValueError(f"redundant_experts ({self.redundant_experts}) are copies on expert workers: "
+                             "num_workers must be >= 1")
         if self.placement_strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
+
+    def placement(self, num_experts: int) -> ParallelConfig:
+        """Where the copies of a model's num_experts experts live; raises ConfigError (a ValueError) naming the
+        conflict when these workers cannot hold them (the entry point asks before it starts Ray)."""
+        return ParallelConfig.contiguous(
+            num_experts=num_experts, num_workers=max(self.num_workers, 1), redundant_experts=self.redundant_experts,
+            collective_timeout_s=self.collective_timeout_s, num_coordinators=self.num_coordinators,
+        )
 
 
 @dataclass(frozen=True)
@@ -89,10 +105,7 @@ class RayExpertParallelEngine:
         self.options = options
         self.scheduler = scheduler or SchedulerConfig()
         self.cfg = ModelConfig.from_model_dir(settings.model_dir)
-        self.placement = ParallelConfig.contiguous(
-            num_experts=self.cfg.num_local_experts, num_workers=max(options.num_workers, 1),
-            collective_timeout_s=options.collective_timeout_s, num_coordinators=options.num_coordinators,
-        )
+        self.placement = options.placement(self.cfg.num_local_experts)
         self.parallel = self.placement if options.num_workers else None  # None: every expert in the coordinator
         self.num_coordinators = options.num_coordinators
         self.pg = None

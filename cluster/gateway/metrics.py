@@ -18,10 +18,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class GatewayMetrics:
-    def __init__(self, *, num_layers: int, worker_of_expert: tuple[int, ...], num_workers: int,
+    def __init__(self, *, num_layers: int, workers_of_expert: tuple[tuple[int, ...], ...], num_workers: int,
                  num_coordinators: int = 1) -> None:
+        """workers_of_expert[e]: the workers holding expert e's copies (ParallelConfig.workers_of_expert)."""
         self.registry = CollectorRegistry()
-        self.worker_of_expert = worker_of_expert
+        self.workers_of_expert = workers_of_expert
         self.expert_workers = num_workers
         self._worker_seconds: list[dict[str, float]] = []  # the workers' cumulative phase seconds, last read
         r = self.registry
@@ -85,7 +86,7 @@ class GatewayMetrics:
         for phase in PHASES:
             self.phase.labels(phase=phase)
         for layer in range(num_layers):
-            for expert in range(len(worker_of_expert)):
+            for expert in range(len(workers_of_expert)):
                 self.expert_tokens.labels(layer=str(layer), expert=str(expert))
         for worker in range(num_workers):
             self.worker_tokens.labels(worker=str(worker))
@@ -109,8 +110,12 @@ class GatewayMetrics:
             for expert, count in enumerate(row):
                 if count:
                     self.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(count)
-                    worker = self.worker_of_expert[expert]
-                    per_worker[worker] = per_worker.get(worker, 0) + count
+                    # a replicated expert's rows counted as split evenly between its copies (the dispatcher's split,
+                    # workers.runtime.replicas, differs by at most one row per micro-batch)
+                    workers = self.workers_of_expert[expert]
+                    share, odd = divmod(count, len(workers))
+                    for copy, worker in enumerate(workers):
+                        per_worker[worker] = per_worker.get(worker, 0) + share + (copy < odd)
         if self.expert_workers:  # with no expert workers the experts run in the coordinator
             for worker, count in per_worker.items():
                 self.worker_tokens.labels(worker=str(worker)).inc(count)

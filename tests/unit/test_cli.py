@@ -62,6 +62,20 @@ def test_generate_reports_bad_input_clearly(tiny8):
     assert proc.returncode == 2 and "config.json" in proc.stderr
 
 
+def test_redundant_experts_are_checked_before_ray_starts(tiny8):
+    """Issue 22: copies live on expert workers, and the workers must be able to hold them."""
+    proc = _mixserve("generate", "--model", str(tiny8), "--token-ids", "1", "--redundant-experts", "2")
+    assert proc.returncode == 2 and "redundant_experts (2) are copies on expert workers" in proc.stderr, proc.stderr
+    proc = _mixserve("generate", "--model", str(tiny8), "--token-ids", "1", "--workers", "10",
+                     "--redundant-experts", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert "num_workers (10) exceeds num_experts (8) + redundant_experts (1)" in proc.stderr
+    proc = _mixserve("generate", "--model", str(tiny8), "--token-ids", "1", "--workers", "2",
+                     "--redundant-experts", "9")
+    assert proc.returncode == 2 and "redundant_experts (9) exceeds 8" in proc.stderr, proc.stderr
+    assert "--redundant-experts" in _mixserve("serve", "--help").stdout
+
+
 def test_bench_is_listed_and_its_help_shows_the_defaults():
     top = _mixserve("--help")
     assert top.returncode == 0 and "bench" in top.stdout and "mixserve bench --help" in top.stdout
