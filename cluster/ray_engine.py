@@ -345,9 +345,10 @@ class RayExpertParallelEngine:
         finished = {ref.hex() for ref in done}
         return [ref.hex() not in finished for ref in self.worker_runs]
 
-    def worker_phase_seconds(self, timeout_s: float = 5.0) -> list[dict[str, float]]:
-        """Per expert worker: its cumulative seconds in each phase (dispatch, experts, combine) since it started."""
-        return [dict(s["seconds"]) for s in ray.get([w.stats.remote() for w in self.workers], timeout=timeout_s)]
+    def worker_readings(self, timeout_s: float = 5.0) -> list[dict]:
+        """Per expert worker, since it started: "seconds" in each phase (dispatch, experts, combine) and
+        "rows_per_local_expert" [layer][local expert] (ExpertWorker.stats)."""
+        return ray.get([w.stats.remote() for w in self.workers], timeout=timeout_s)
 
     def coordinators_up(self) -> list[bool]:
         """Per coordinator: its actor answers and its engine loop has not failed."""

@@ -363,13 +363,15 @@ class EngineClient:
             await asyncio.sleep(1.0)
 
     async def _update_rank_gauges(self) -> bool:
-        """Sets the up gauges of every coordinator and worker and the workers' phase seconds; returns whether
-        every rank is up."""
+        """Sets the up gauges of every coordinator and worker, the workers' phase seconds and rows per expert
+        copy; returns whether every rank is up."""
         coordinators = await asyncio.to_thread(self.engine.coordinators_up)
         workers = await asyncio.to_thread(self.engine.workers_up)
         self.metrics.set_ranks_up(coordinators=coordinators, workers=workers)
         with contextlib.suppress(ray.exceptions.RayError, WorkerUnavailable):
-            self.metrics.set_worker_phase_seconds(await asyncio.to_thread(self.engine.worker_phase_seconds))
+            readings = await asyncio.to_thread(self.engine.worker_readings)
+            self.metrics.set_worker_phase_seconds([dict(r["seconds"]) for r in readings])
+            self.metrics.set_worker_rows([r["rows_per_local_expert"] for r in readings])
         return all(coordinators) and all(workers)
 
     async def _set_healthy(self, healthy: bool) -> None:

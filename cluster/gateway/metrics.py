@@ -25,6 +25,9 @@ class GatewayMetrics:
         self.workers_of_expert = workers_of_expert
         self.expert_workers = num_workers
         self._worker_seconds: list[dict[str, float]] = []  # the workers' cumulative phase seconds, last read
+        self._worker_rows: list[list[list[int]]] = []  # the workers' cumulative rows [worker][layer][local expert]
+        self.experts_of_worker = [tuple(e for e, ws in enumerate(workers_of_expert) if w in ws)
+                                  for w in range(num_workers)]  # local index order (ParallelConfig)
         r = self.registry
         self.requests = Counter("mixserve_requests", "Finished requests by API (grpc, http), finish reason and gRPC "
                                 "status name (an HTTP error counts as the status it maps to)",
@@ -67,6 +70,11 @@ class GatewayMetrics:
                                      ["layer", "expert"], registry=r)
         self.worker_tokens = Counter("mixserve_worker_routed_tokens", "Token rows routed to each expert worker",
                                      ["worker"], registry=r)
+        self.replica_rows = Counter("mixserve_expert_replica_rows", "Rows each physical expert copy computed, as "
+                                    "its worker counts them", ["layer", "expert", "worker"], registry=r)
+        self.imbalance = Gauge("mixserve_expert_worker_imbalance_ratio", "Per layer, the busiest expert worker's rows "
+                               "over the mean worker's, over the gateway's last read of the workers (about 1 s) "
+                               "that saw rows; 1 is balanced", ["layer"], registry=r)
         self.worker_up = Gauge("mixserve_worker_up", "1 while the expert worker serves", ["worker"], registry=r)
         self.num_workers = Gauge("mixserve_num_expert_workers", "Configured expert workers", registry=r)
         self.worker_failures = Counter("mixserve_worker_failures", "Expert worker failures detected", registry=r)
@@ -145,3 +153,25 @@ class GatewayMetrics:
                 gained = seconds - before.get(phase, 0.0)
                 self.worker_phase.labels(worker=str(worker), phase=phase).inc(gained if gained >= 0 else seconds)
         self._worker_seconds = [dict(s) for s in cumulative]
+
+    def set_worker_rows(self, cumulative: list[list[list[int]]]) -> None:
+        """Advances the per-copy row counters to the workers' cumulative rows [worker][layer][local expert] and
+        sets each layer's imbalance from what the read added; a worker whose rows went down was replaced."""
+        if len(cumulative) != len(self.experts_of_worker):
+            return
+        previous = self._worker_rows if len(self._worker_rows) == len(cumulative) else [[] for _ in cumulative]
+        gained_LW: dict[int, list[int]] = {}
+        for worker, (before, now) in enumerate(zip(previous, cumulative, strict=True)):
+            for layer, rows in enumerate(now):
+                old = before[layer] if layer < len(before) else [0] * len(rows)
+                added = [n - o for n, o in zip(rows, old, strict=True)]
+                if any(a < 0 for a in added):
+                    added = list(rows)
+                gained_LW.setdefault(layer, [0] * len(cumulative))[worker] = sum(added)
+                for local, count in enumerate(added):
+                    expert = self.experts_of_worker[worker][local]
+                    self.replica_rows.labels(layer=str(layer), expert=str(expert), worker=str(worker)).inc(count)
+        for layer, per_worker in gained_LW.items():
+            if sum(per_worker):
+                self.imbalance.labels(layer=str(layer)).set(max(per_worker) * len(per_worker) / sum(per_worker))
+        self._worker_rows = [[list(r) for r in w] for w in cumulative]

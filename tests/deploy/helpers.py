@@ -45,6 +45,7 @@ COUNTERS = {
     "mixserve_prefix_cache_hit_tokens_total",
     "mixserve_coordinator_placed_requests_total",
     "mixserve_worker_phase_seconds_total",
+    "mixserve_expert_replica_rows_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",
@@ -63,6 +64,7 @@ GAUGES = {
     "mixserve_num_expert_workers",
     "mixserve_coordinator_up",
     "mixserve_num_coordinators",
+    "mixserve_expert_worker_imbalance_ratio",
 }
 # Series the gateway exports once per coordinator (label coordinator="0", "1", ...).
 PER_COORDINATOR = {

@@ -66,3 +66,5 @@ def test_health_and_metrics_report_every_coordinator_and_the_workers_phases(serv
     for worker in ("0", "1"):
         assert metric(page, "mixserve_worker_up", f'{{worker="{worker}"}}') == 1
         assert metric(page, "mixserve_worker_phase_seconds_total", f'{{worker="{worker}",phase="experts"}}') > 0
+        assert metric(page, "mixserve_expert_replica_rows_total", f'{{worker="{worker}"}}') > 0
+    assert metric(page, "mixserve_expert_worker_imbalance_ratio", '{layer="0"}') >= 1.0

@@ -77,3 +77,23 @@ def test_worker_rows_metric_shares_a_replicated_experts_rows():
     rows = {w: metrics.registry.get_sample_value("mixserve_worker_routed_tokens_total", {"worker": str(w)})
             for w in (0, 1)}
     assert rows == {0: 3 + 1, 1: 2 + 2}
+
+
+def test_per_copy_rows_and_the_imbalance_come_from_the_workers_own_counts():
+    """Expert 0 has copies on workers 0 and 1; worker 0 holds experts (0, 2), worker 1 (0, 1)."""
+    metrics = GatewayMetrics(num_layers=2, workers_of_expert=((0, 1), (1,), (0,)), num_workers=2)
+
+    def copy_rows(layer: int, expert: int, worker: int) -> float:
+        labels = {"layer": str(layer), "expert": str(expert), "worker": str(worker)}
+        return metrics.registry.get_sample_value("mixserve_expert_replica_rows_total", labels)
+
+    def imbalance(layer: int) -> float | None:
+        return metrics.registry.get_sample_value("mixserve_expert_worker_imbalance_ratio", {"layer": str(layer)})
+
+    metrics.set_worker_rows([[[3, 1], [2, 2]], [[4, 4], [2, 2]]])
+    assert (copy_rows(0, 0, 0), copy_rows(0, 2, 0), copy_rows(0, 0, 1), copy_rows(0, 1, 1)) == (3, 1, 4, 4)
+    assert imbalance(0) == pytest.approx(8 * 2 / 12) and imbalance(1) == pytest.approx(1.0)
+    metrics.set_worker_rows([[[3, 1], [2, 2]], [[4, 10], [2, 2]]])  # only worker 1 gained, in layer 0
+    assert copy_rows(0, 1, 1) == 10 and imbalance(0) == pytest.approx(2.0) and imbalance(1) == pytest.approx(1.0)
+    metrics.set_worker_rows([[[3, 1], [2, 2]], [[1, 0], [0, 0]]])  # worker 1 replaced: its rows count from zero
+    assert copy_rows(0, 0, 1) == 5
