@@ -63,6 +63,13 @@ class RankInfo:
     cpu_seconds: float  # process CPU time so far (every thread: torch's, gloo's, Ray's)
 
 
+def rank_name(rank: int, num_coordinators: int = 1) -> str:
+    """Rank `rank`'s name in logs and errors: "coordinator" (one) or "coordinator i", then "expert worker j"."""
+    if rank >= num_coordinators:
+        return f"expert worker {rank - num_coordinators}"
+    return "coordinator" if num_coordinators == 1 else f"coordinator {rank}"
+
+
 def _rank_info(threads: int, tensor_names: list[str]) -> RankInfo:
     return RankInfo(pid=os.getpid(), node_ip=ray.util.get_node_ip_address(), torch_threads=threads,
                     tensor_names=tuple(tensor_names), cpu_seconds=time.process_time())
@@ -146,7 +153,7 @@ class Coordinator:
     ) -> None:
         self.threads = cpu.apply()
         self.index = index
-        self.name = "coordinator" if parallel is None or parallel.num_coordinators == 1 else f"coordinator {index}"
+        self.name = rank_name(index, parallel.num_coordinators if parallel is not None else 1)
         self.settings = settings
         self.parallel = parallel
         self.scheduler = scheduler

@@ -146,9 +146,9 @@ class EngineLoop:
                     updates += self.engine.step()
                     last_exchange, lockstep = time.monotonic(), self.wake_peers is not None
                 elif self.headers is not None and (
-                        lockstep or self._owes_exchange()
+                        (joining := lockstep or self._owes_exchange())
                         or time.monotonic() - last_exchange >= self.keepalive_interval_s):
-                    if not (lockstep or self._owes_exchange()):
+                    if not joining:
                         self._wake()  # the keepalive interval, from idle
                     lockstep = self.headers.keepalive()
                     last_exchange = time.monotonic()

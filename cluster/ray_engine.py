@@ -21,7 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import Coordinator, ExpertWorker, RankSettings
+from cluster.actors import Coordinator, ExpertWorker, RankSettings, rank_name
 from cluster.cpu_tuning import CpuPolicy, RankCpu, plan_rank_cpus
 from cluster.engine_stats import StatsSnapshot
 from cluster.errors import WorkerStartError, WorkerUnavailable
@@ -85,12 +85,6 @@ class RestartReport:
     @property
     def seconds(self) -> float:
         return self.halt_s + self.replace_s + self.join_s
-
-
-def rank_name(rank: int, num_coordinators: int = 1) -> str:
-    if rank >= num_coordinators:
-        return f"expert worker {rank - num_coordinators}"
-    return "coordinator" if num_coordinators == 1 else f"coordinator {rank}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,6 +19,16 @@ def load_hf(model_dir: Path):
     return MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def random_prompts_and_greedy(
+    model_dir: Path, *, seed: int, lengths: tuple[int, ...], steps: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Random prompts of `lengths` (ids 3..255, seeded) and transformers' greedy `steps` tokens after each."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in lengths]
+    hf = load_hf(model_dir)
+    return prompts, [hf_greedy(hf, p, steps)[0] for p in prompts]
+
+
 @torch.no_grad()
 def hf_greedy(hf, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy continuation by transformers without early stop, and its logits at every position."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cluster.engine_stats import StatsSnapshot
+from workers.config import ParallelConfig
 from workers.runtime.timing import PHASES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -18,16 +19,17 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class GatewayMetrics:
-    def __init__(self, *, num_layers: int, workers_of_expert: tuple[tuple[int, ...], ...], num_workers: int,
+    def __init__(self, *, num_layers: int, placement: ParallelConfig, num_workers: int,
                  num_coordinators: int = 1) -> None:
-        """workers_of_expert[e]: the workers holding expert e's copies (ParallelConfig.workers_of_expert)."""
+        """placement: where each expert's copies live; num_workers: the expert workers (0: every expert in the
+        coordinator, and no per-worker series)."""
         self.registry = CollectorRegistry()
+        workers_of_expert = placement.workers_of_expert
         self.workers_of_expert = workers_of_expert
         self.expert_workers = num_workers
         self._worker_seconds: list[dict[str, float]] = []  # the workers' cumulative phase seconds, last read
         self._worker_rows: list[list[list[int]]] = []  # the workers' cumulative rows [worker][layer][local expert]
-        self.experts_of_worker = [tuple(e for e, ws in enumerate(workers_of_expert) if w in ws)
-                                  for w in range(num_workers)]  # local index order (ParallelConfig)
+        self.experts_of_worker = [placement.experts_of_worker(w) for w in range(num_workers)]
         r = self.registry
         self.requests = Counter("mixserve_requests", "Finished requests by API (grpc, http), finish reason and gRPC "
                                 "status name (an HTTP error counts as the status it maps to)",

@@ -71,7 +71,7 @@ class Gateway:
         self.options = options
         cfg = engine.cfg
         self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers,
-                                      workers_of_expert=engine.placement.workers_of_expert,
+                                      placement=engine.placement,
                                       num_workers=engine.options.num_workers,
                                       num_coordinators=engine.num_coordinators)
         self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s)

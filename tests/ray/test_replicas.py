@@ -12,7 +12,7 @@ from cluster.rank_introspection import rank_infos, worker_stats
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
 from cluster.requests import GenerationRequest
 from cluster.settings import EngineSettings
-from tests.reference import hf_greedy, load_hf
+from tests.reference import random_prompts_and_greedy
 from workers.config import ModelConfig
 from workers.model.weights import expert_tensor_shapes
 from workers.runtime.attention_rank import MicroBatching
@@ -23,10 +23,7 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def prompts_and_expected(tiny8):
-    gen = torch.Generator().manual_seed(29)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (7, 19, 3, 30, 11)]
-    hf = load_hf(tiny8)
-    return prompts, [hf_greedy(hf, p, NEW_TOKENS)[0] for p in prompts]
+    return random_prompts_and_greedy(tiny8, seed=29, lengths=(7, 19, 3, 30, 11), steps=NEW_TOKENS)
 
 
 @pytest.mark.timeout(300)

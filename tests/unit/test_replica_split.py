@@ -69,9 +69,13 @@ def test_every_row_goes_to_a_copy_of_its_expert(num_workers: int, redundant: int
         assert local_N.tolist() == [parallel.local_index_of_expert[e] for e in ids_N.tolist()]
 
 
+# experts 0 and 2 on worker 0, expert 1 on worker 1, and a second copy of expert 0 on worker 1
+_EXPERT_0_ON_BOTH = ParallelConfig(worker_of_expert=(0, 1, 0), redundant_copies=((0, 1),))
+
+
 def test_worker_rows_metric_shares_a_replicated_experts_rows():
     """The gateway's per-worker routed rows count a replicated expert's rows as split evenly between copies."""
-    metrics = GatewayMetrics(num_layers=1, workers_of_expert=((0, 1), (1,), (0,)), num_workers=2)
+    metrics = GatewayMetrics(num_layers=1, placement=_EXPERT_0_ON_BOTH, num_workers=2)
     metrics.observe_stats(StatsSnapshot(num_running=0, num_waiting=0, kv_cache_usage=0.0, batch_sizes=(),
                                         batch_tokens=(), phase_seconds=(), routed_tokens_LE=((5, 2, 1),)))
     rows = {w: metrics.registry.get_sample_value("mixserve_worker_routed_tokens_total", {"worker": str(w)})
@@ -81,7 +85,7 @@ def test_worker_rows_metric_shares_a_replicated_experts_rows():
 
 def test_per_copy_rows_and_the_imbalance_come_from_the_workers_own_counts():
     """Expert 0 has copies on workers 0 and 1; worker 0 holds experts (0, 2), worker 1 (0, 1)."""
-    metrics = GatewayMetrics(num_layers=2, workers_of_expert=((0, 1), (1,), (0,)), num_workers=2)
+    metrics = GatewayMetrics(num_layers=2, placement=_EXPERT_0_ON_BOTH, num_workers=2)
 
     def copy_rows(layer: int, expert: int, worker: int) -> float:
         labels = {"layer": str(layer), "expert": str(expert), "worker": str(worker)}
