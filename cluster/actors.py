@@ -92,20 +92,43 @@ class ExpertWorker:
         self.torch_thread.call(self._load)
 
     def _load(self) -> None:
+        self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
+        self.shard = self._read_shard(self.expert_ids)
+
+    def _read_shard(self, expert_ids: tuple[int, ...]) -> ExpertShard:
         try:
-            self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
+            cfg = self.cfg or ModelConfig.from_model_dir(self.settings.model_dir)
             reader = CheckpointReader(self.settings.model_dir)
-            self.shard = load_expert_shard(
-                reader, self.cfg, self.expert_ids, dtype=self.settings.dtype, device=_device(self.settings)
-            )
+            return load_expert_shard(reader, cfg, expert_ids, dtype=self.settings.dtype, device=_device(self.settings))
         except Exception as exc:
-            raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
+            raise WorkerStartError(f"{self.name} failed to load the weights of experts {list(expert_ids)}: {exc}") \
+                from exc
+
+    def stage_experts(self, epoch: int, parallel: ParallelConfig) -> float:
+        """A balancer move: reads this worker's experts under `parallel` beside serving (on the calling thread,
+        not the one running steps) and hands them to the rank loop, which switches to them when the
+        coordinators' plan reaches `epoch`; returns the seconds spent reading (0 when its experts stay)."""
+        assert self.rank is not None, f"{self.name}: join_group() before a move"
+        expert_ids = parallel.experts_of_worker(self.worker_index)
+        started = time.monotonic()
+        shard = self.rank.shard if expert_ids == self.rank.shard.expert_ids else self._read_shard(expert_ids)
+        self.rank.stage(epoch, shard, parallel.max_local_experts)
+        return time.monotonic() - started
+
+    def placement_epoch(self) -> int:
+        """The placement epoch the rank loop runs at (0 until a move switched in this group)."""
+        return self.rank.placement_epoch if self.rank is not None else 0
 
     def join_group(self, init_method: str, parallel: ParallelConfig) -> None:
         self.torch_thread.call(self._join_group, init_method, parallel)
 
     def _join_group(self, init_method: str, parallel: ParallelConfig) -> None:
-        assert self.shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
+        shard = self.rank.shard if self.rank is not None else self.shard  # a move may have switched it
+        assert shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
+        expert_ids = parallel.experts_of_worker(self.worker_index)
+        if shard.expert_ids != expert_ids:  # the group was re-formed in the middle of a move
+            shard = self._read_shard(expert_ids)
+        self.expert_ids, self.shard, self.rank = expert_ids, shard, None
         try:
             self.group = create_group(
                 backend=self.settings.backend, init_method=init_method,
@@ -116,9 +139,11 @@ class ExpertWorker:
         except Exception as exc:
             raise WorkerStartError(f"{self.name} could not join the group at {init_method}: {exc}") from exc
         self.rank = ExpertRank(
-            self.shard, group=self.group.group, device=self.group.device, max_local_experts=parallel.max_local_experts,
+            shard, group=self.group.group, device=self.group.device, max_local_experts=parallel.max_local_experts,
             hidden_size=self.cfg.hidden_size, num_coordinators=parallel.num_coordinators,
+            num_experts=self.cfg.num_local_experts,
         )
+        self.shard = None  # the rank holds the one shard (a move replaces it there, freeing the old one)
 
     def run(self) -> int:
         """Serves steps until STOP; returns the number of steps served. Raises if a collective fails."""
@@ -135,12 +160,13 @@ class ExpertWorker:
                 self.group.destroy()
 
     def info(self) -> RankInfo:
-        return _rank_info(self.threads, list(self.shard.tensor_names) if self.shard else [])
+        shard = self.rank.shard if self.rank is not None else self.shard  # the rank's: the one a move switched
+        return _rank_info(self.threads, list(shard.tensor_names) if shard else [])
 
     def stats(self) -> dict:
         assert self.rank is not None
         return {"steps": self.rank.steps, "seconds": dict(self.rank.timings.seconds),
-                "rows_per_local_expert": self.rank.rows_per_local_expert.tolist()}
+                "rows_per_expert": self.rank.rows_per_expert.tolist(), "placement_epoch": self.rank.placement_epoch}
 
 
 class Coordinator:
@@ -193,12 +219,18 @@ class Coordinator:
         except Exception as exc:
             raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
 
-    def start(self, init_method: str | None, engine: EngineSettings, peers: list | None = None) -> None:
+    def start(
+        self, init_method: str | None, engine: EngineSettings, peers: list | None = None,
+        parallel: ParallelConfig | None = None,
+    ) -> None:
         """Joins the expert-parallel group (all ranks at once) and starts the engine loop; `peers`: the other
-        coordinators' actors. After halt() it starts again on a new group with the weights it holds (a fresh
-        KV cache: requests are replayed)."""
+        coordinators' actors; `parallel`: the placement now (a move may have changed it since __init__). After
+        halt() it starts again on a new group with the weights it holds (a fresh KV cache: requests are
+        replayed)."""
         assert self.loop is None or not self.loop.running, f"{self.name}: halt() before starting again"
         self.peers = list(peers or [])
+        if parallel is not None:
+            self.parallel = parallel
         self.torch_thread.call(self._build_engine, init_method, engine)
         assert self.loop is not None
         self.loop.start(self.torch_thread)
@@ -244,6 +276,15 @@ class Coordinator:
         awaited; a dead peer fails the exchange itself, at the collective timeout)."""
         for peer in self.peers:
             peer.join_exchange.remote(exchange)
+
+    def stage_placement(self, epoch: int, parallel: ParallelConfig) -> None:
+        """A balancer move, once every expert worker has staged its shard: the loop switches to `parallel` at
+        the first exchange every coordinator enters with it staged, and enters one soon even when idle."""
+        loop = self._started_loop()
+        if not isinstance(self.experts, DistributedExperts):
+            raise WorkerUnavailable(f"{self.name} holds every expert: there is no placement to move")
+        self.experts.stage(epoch, parallel)
+        loop.request_exchange()
 
     def join_exchange(self, exchange: int) -> None:
         """A peer coordinator enters header exchange `exchange`: this one's loop joins it."""

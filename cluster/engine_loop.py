@@ -60,6 +60,7 @@ class EngineLoop:
         self.keepalive_interval_s = keepalive_interval_s
         self.wake_peers = wake_peers
         self._wake_for = 0  # the latest exchange a peer asked this loop to join
+        self._exchange_requested = False  # enter an exchange soon even when idle (a staged placement move)
         self._cond = threading.Condition()
         self._inbox: list[GenerationRequest] = []
         self._aborts: list[str] = []
@@ -94,6 +95,12 @@ class EngineLoop:
         """A peer coordinator enters header exchange number `exchange` and needs this loop there too."""
         with self._cond:
             self._wake_for = max(self._wake_for, exchange)
+            self._cond.notify_all()
+
+    def request_exchange(self) -> None:
+        """Enter a header exchange soon even when idle (a staged placement switches at an exchange)."""
+        with self._cond:
+            self._exchange_requested = True
             self._cond.notify_all()
 
     def subscribe(self, address: ChannelAddress) -> None:
@@ -138,6 +145,7 @@ class EngineLoop:
                     return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                requested, self._exchange_requested = self._exchange_requested, False
             updates = self._admit(inbox) + [u for rid in aborts if (u := self.engine.abort(rid))]
             try:
                 if self.engine.has_work():
@@ -146,10 +154,10 @@ class EngineLoop:
                     updates += self.engine.step()
                     last_exchange, lockstep = time.monotonic(), self.wake_peers is not None
                 elif self.headers is not None and (
-                        (joining := lockstep or self._owes_exchange())
+                        (joining := lockstep or self._owes_exchange()) or requested
                         or time.monotonic() - last_exchange >= self.keepalive_interval_s):
                     if not joining:
-                        self._wake()  # the keepalive interval, from idle
+                        self._wake()  # the keepalive interval or a requested exchange, from idle
                     lockstep = self.headers.keepalive()
                     last_exchange = time.monotonic()
             except Exception as exc:  # a worker died or a collective timed out
@@ -168,7 +176,7 @@ class EngineLoop:
 
     def _has_input(self) -> bool:
         return bool(self._inbox or self._aborts or self._stopping or self._flush or self.engine.has_work()
-                    or self._owes_exchange())
+                    or self._owes_exchange() or self._exchange_requested)
 
     def _admit(self, inbox: list[GenerationRequest]) -> list[SequenceUpdate]:
         rejected = []

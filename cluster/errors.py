@@ -27,3 +27,8 @@ class WorkerUnavailable(MixServeError):
 
 class WorkerStartError(RuntimeError):
     """An expert worker (or the coordinator) could not load its weights or join the group."""
+
+
+class MoveFailed(RuntimeError):
+    """A balancer move did not happen: a rank could not stage the new placement or the switch was not seen in
+    time (cluster.ray_engine.RayExpertParallelEngine.move_replicas)."""

@@ -28,7 +28,8 @@ def describe_ranks(engine: RayExpertParallelEngine) -> list[str]:
 
 
 def worker_stats(engine: RayExpertParallelEngine) -> list[dict]:
-    """Per expert worker: steps served, seconds per phase (dispatch, experts, combine), rows per local expert."""
+    """Per expert worker: steps served, seconds per phase (dispatch, experts, combine), rows per expert
+    ([layer][expert]) and placement epoch (ExpertWorker.stats)."""
     return ray.get([w.stats.remote() for w in engine.workers])
 
 

@@ -24,7 +24,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import Coordinator, ExpertWorker, RankSettings, rank_name
 from cluster.cpu_tuning import CpuPolicy, RankCpu, plan_rank_cpus
 from cluster.engine_stats import StatsSnapshot
-from cluster.errors import WorkerStartError, WorkerUnavailable
+from cluster.errors import MoveFailed, WorkerStartError, WorkerUnavailable
+from cluster.expert_balance import RoutingProfile, moved_copies, plan_placement
 from cluster.requests import GenerationRequest, GenerationResult, SequenceUpdate
 from cluster.scheduler import SchedulerConfig
 from cluster.settings import EngineSettings
@@ -42,6 +43,9 @@ class ClusterOptions:
     # physical expert copies beyond the model's experts, spread over the workers (ParallelConfig.contiguous);
     # lets num_workers exceed the experts
     redundant_experts: int = 0
+    # rows routed per (layer, expert) by an earlier run: the start placement is planned for them
+    # (cluster.expert_balance.plan_placement); None: contiguous blocks
+    routing_profile: RoutingProfile | None = None
     placement_strategy: str = "PACK"
     cpus_per_rank: float = 1.0
     cpu: CpuPolicy = field(default_factory=CpuPolicy)  # threads, OpenMP spinning, malloc, reserved cores
@@ -60,16 +64,25 @@ class ClusterOptions:
         if self.redundant_experts and not self.num_workers:
             raise ValueError(f"redundant_experts ({self.redundant_experts}) are copies on expert workers: "
                              "num_workers must be >= 1")
+        if self.routing_profile is not None and not self.num_workers:
+            raise ValueError("a routing profile places expert copies on expert workers: num_workers must be >= 1")
         if self.placement_strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
 
     def placement(self, num_experts: int) -> ParallelConfig:
-        """Where the copies of a model's num_experts experts live; raises ConfigError (a ValueError) naming the
+        """Where the copies of a model's num_experts experts live (contiguous blocks, or planned for the routing
+        profile with the same copies per worker); raises ConfigError (a ValueError) naming the
         conflict when these workers cannot hold them (the entry point asks before it starts Ray)."""
-        return ParallelConfig.contiguous(
+        contiguous = ParallelConfig.contiguous(
             num_experts=num_experts, num_workers=max(self.num_workers, 1), redundant_experts=self.redundant_experts,
             collective_timeout_s=self.collective_timeout_s, num_coordinators=self.num_coordinators,
         )
+        if self.routing_profile is None:
+            return contiguous
+        if self.routing_profile.num_experts != num_experts:
+            raise ValueError(f"the routing profile has {self.routing_profile.num_experts} experts, the model "
+                             f"{num_experts}")
+        return plan_placement(self.routing_profile.rows_LE, contiguous)
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,21 @@ class RestartReport:
     @property
     def seconds(self) -> float:
         return self.halt_s + self.replace_s + self.join_s
+
+
+@dataclass(frozen=True)
+class MoveReport:
+    """What one balancer move did and cost."""
+
+    epoch: int  # the placement epoch switched to
+    moved_copies: int  # expert copies some worker had to read
+    stage_s: float  # every worker read its new experts beside serving (the slowest sets it)
+    switch_s: float  # the coordinators staged the placement until every rank ran it
+    read_s: tuple[float, ...]  # per worker: seconds reading its experts (0: its experts stayed)
+
+    @property
+    def seconds(self) -> float:
+        return self.stage_s + self.switch_s
 
 
 def _first_line(exc: BaseException) -> str:
@@ -111,6 +139,7 @@ class RayExpertParallelEngine:
         self.rendezvous: str | None = None
         self.restarts = 0
         self.generation = 0  # restarts begun and ended: a call's failure is news only in its generation
+        self.placement_epoch = 0  # balancer moves switched to since the group formed (workers.runtime.step_header)
         self.updates = [UpdateReceiver() for _ in range(self.num_coordinators)]  # one channel per coordinator
         self._lifecycle = threading.RLock()
 
@@ -194,7 +223,9 @@ class RayExpertParallelEngine:
     def _join_all(self) -> None:
         if self.parallel is not None:
             self.rendezvous = ray.get(self.coordinators[0].rendezvous_address.remote())
-        refs = [c.start.remote(self.rendezvous, self.settings, [p for p in self.coordinators if p is not c])
+        self.placement_epoch = 0  # a new group starts at its placement's epoch 0 (every rank's count restarts)
+        refs = [c.start.remote(self.rendezvous, self.settings, [p for p in self.coordinators if p is not c],
+                               self.parallel)
                 for c in self.coordinators]
         if self.parallel is not None:
             refs += [
@@ -241,6 +272,50 @@ class RayExpertParallelEngine:
             raise
         return RestartReport(tuple(map(self.rank_name, dead)), full=False, halt_s=halted - started,
                              replace_s=replaced - halted, join_s=time.monotonic() - replaced)
+
+    def move_replicas(self, parallel: ParallelConfig) -> MoveReport:
+        """Moves expert copies to `parallel` (same coordinators and workers) while serving: every worker whose
+        experts change reads them beside its running steps, then the coordinators stage the placement and
+        every rank switches to it at one header exchange, before a step's first collective (no request
+        fails or waits for more than that exchange). Raises MoveFailed if a rank cannot stage it or the
+        switch is not seen within the collective timeout; the group then still runs the old placement or
+        fails its next step, and a restart rejoins every rank at `self.placement`."""
+        with self._lifecycle:
+            current = self.placement
+            if self.parallel is None or not self.workers:
+                raise MoveFailed("there are no expert workers: every expert is in the coordinator")
+            if (parallel.num_coordinators, parallel.num_workers) != (current.num_coordinators, current.num_workers):
+                raise MoveFailed(f"a move keeps the ranks: {current.num_coordinators} coordinators x "
+                                 f"{current.num_workers} workers, not {parallel.num_coordinators} x "
+                                 f"{parallel.num_workers}")
+            epoch = self.placement_epoch + 1
+            started = time.monotonic()
+            try:
+                read_s = ray.get([w.stage_experts.remote(epoch, parallel) for w in self.workers],
+                                 timeout=self.options.start_timeout_s)
+                staged = time.monotonic()
+                ray.get([c.stage_placement.remote(epoch, parallel) for c in self.coordinators],
+                        timeout=self.options.collective_timeout_s)
+                self._await_epoch(epoch)
+            except (ray.exceptions.RayError, WorkerUnavailable, WorkerStartError) as exc:
+                raise MoveFailed(f"the move to placement epoch {epoch} failed: {_first_line(exc)}") from exc
+            switched = time.monotonic()
+            self.placement = self.parallel = parallel
+            self.placement_epoch = epoch
+            return MoveReport(epoch=epoch, moved_copies=moved_copies(current, parallel), stage_s=staged - started,
+                              switch_s=switched - staged, read_s=tuple(read_s))
+
+    def _await_epoch(self, epoch: int) -> None:
+        """Waits until every expert worker runs at placement `epoch`."""
+        deadline = time.monotonic() + self.options.collective_timeout_s
+        while True:
+            epochs = ray.get([w.placement_epoch.remote() for w in self.workers], timeout=self.options.start_timeout_s)
+            if all(e == epoch for e in epochs):
+                return
+            if time.monotonic() > deadline:
+                raise WorkerUnavailable(f"workers at placement epochs {epochs}, not {epoch}, after "
+                                        f"{self.options.collective_timeout_s:g}s")
+            time.sleep(0.005)
 
     def _placement_intact(self) -> bool:
         return placement_group_table(self.pg).get("state") == "CREATED"
@@ -340,8 +415,8 @@ class RayExpertParallelEngine:
         return [ref.hex() not in finished for ref in self.worker_runs]
 
     def worker_readings(self, timeout_s: float = 5.0) -> list[dict]:
-        """Per expert worker, since it started: "seconds" in each phase (dispatch, experts, combine) and
-        "rows_per_local_expert" [layer][local expert] (ExpertWorker.stats)."""
+        """Per expert worker, since it started: "seconds" in each phase (dispatch, experts, combine),
+        "rows_per_expert" [layer][expert] its copies ran and "placement_epoch" (ExpertWorker.stats)."""
         return ray.get([w.stats.remote() for w in self.workers], timeout=timeout_s)
 
     def coordinators_up(self) -> list[bool]:

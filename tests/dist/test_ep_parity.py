@@ -57,9 +57,11 @@ def _rank_main(
             shard = load_expert_shard(reader, cfg, parallel.experts_of_worker(rank - coordinators),
                                       dtype=torch.float32, device=CPU)
             expert_rank = ExpertRank(shard, group=handle.group, device=CPU, max_local_experts=parallel.max_local_experts,
-                                     hidden_size=cfg.hidden_size, num_coordinators=coordinators)
+                                     hidden_size=cfg.hidden_size, num_coordinators=coordinators,
+                                     num_experts=cfg.num_local_experts)
             expert_rank.run()
-            errors.put(("rows", {rank - coordinators: expert_rank.rows_per_local_expert.sum(0).tolist()}))
+            local_rows = expert_rank.rows_per_expert.sum(0)[list(shard.expert_ids)]
+            errors.put(("rows", {rank - coordinators: local_rows.tolist()}))
         handle.destroy()
     except Exception:
         errors.put(("error", f"rank {rank}: {traceback.format_exc()}"))

@@ -154,7 +154,7 @@ def _header_main(rank: int, world_size: int, port: int) -> None:
             LayerExperts(w13_e2FD=e.w13_e2FD[list(mine)], w2_eDF=e.w2_eDF[list(mine)]) for e in layers
         ))
         expert_rank = ExpertRank(shard, group=handle.group, device=CPU, max_local_experts=parallel.max_local_experts,
-                                 hidden_size=WIDTH, num_coordinators=1)
+                                 hidden_size=WIDTH, num_coordinators=1, num_experts=parallel.num_experts)
         with _count_collectives() as calls:
             expert_rank.run()
         # per layer: a one-collective dispatch (capacity > 0) or split sizes + rows (0), then the combine

@@ -71,7 +71,7 @@ def test_two_coordinators_match_transformers(ray_cluster, tiny8, prompts_and_exp
         results = engine.generate(_requests(prompts))  # spread over both coordinators in turn
         assert [r.token_ids for r in results] == expected
         stats = worker_stats(engine)
-    routed = sum(sum(map(sum, s["rows_per_local_expert"])) for s in stats)
+    routed = sum(sum(map(sum, s["rows_per_expert"])) for s in stats)
     tokens = sum(len(p) + NEW_TOKENS - 1 for p in prompts)  # every token but the last sampled one goes through
     assert routed == tokens * 2 * 2  # layers × tokens × top-k: every coordinator's rows reached the workers
 

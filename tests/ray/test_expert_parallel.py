@@ -64,7 +64,7 @@ def test_greedy_tokens_equal_in_process_and_transformers(ray_cluster, tiny8, pro
         assert [r.token_ids for r in results] == expected
         stats = worker_stats(engine)
     if workers:
-        routed = sum(sum(map(sum, s["rows_per_local_expert"])) for s in stats)
+        routed = sum(sum(map(sum, s["rows_per_expert"])) for s in stats)
         tokens = sum(len(p) + 16 - 1 for p in prompts)  # every token but the last sampled one goes through
         assert routed == tokens * 2 * 2  # layers × tokens × top-k
 

@@ -50,11 +50,11 @@ def test_redundant_experts_match_transformers(ray_cluster, tiny8, prompts_and_ex
     assert sum(placement.copies_of_expert) == cfg.num_local_experts + redundant
     for w in range(workers):  # each worker opened only its own experts' tensors
         assert set(inventories[f"worker {w}"]) == set(expert_tensor_shapes(cfg, placement.experts_of_worker(w)))
-    rows = [list(map(sum, zip(*s["rows_per_local_expert"], strict=True))) for s in stats]  # [worker][local]
+    rows = [list(map(sum, zip(*s["rows_per_expert"], strict=True))) for s in stats]  # [worker][expert]
     tokens = sum(len(p) + NEW_TOKENS - 1 for p in prompts)  # every token but the last sampled one goes through
     assert sum(map(sum, rows)) == tokens * cfg.num_experts_per_tok * cfg.num_hidden_layers
     for expert, holders in enumerate(placement.workers_of_expert):  # every copy served rows
-        served = [rows[w][placement.experts_of_worker(w).index(expert)] for w in holders]
+        served = [rows[w][expert] for w in holders]
         assert all(served), f"expert {expert}: rows per copy {served} on workers {holders}"
 
 

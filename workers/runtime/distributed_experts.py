@@ -9,13 +9,16 @@ the step's collectives in lockstep: the most micro-batches any of them asked for
 coordinator with nothing (or less) to send joins with empty micro-batches (`keepalive`, `stop`).
 `start_moe` issues a micro-batch's dispatch and combine without waiting (workers.comm.overlap), so the
 attention rank can compute the next micro-batch while the experts work. An expert with several copies
-(redundant experts) gets its rows split between them by count (workers.runtime.replicas).
+(redundant experts) gets its rows split between them by count (workers.runtime.replicas). A balancer move
+stages the next placement (`stage`, from any thread); every header carries the latest staged epoch, and the
+coordinator switches its replica table at the exchange whose plan runs at it, like the expert ranks.
 Shapes: T tokens, K top-k, N = T*K rows, D model dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -66,6 +69,31 @@ class DistributedExperts:
         self.receivers = parallel.worker_ranks
         self.capacities: tuple[int, ...] = ()  # this step's, one per micro-batch of the step's plan
         self.exchanges = 0  # header exchanges so far: every coordinator joins each, so the counts agree
+        self.placement_epoch = 0  # placements switched to in this group
+        self._staged: tuple[int, ParallelConfig] | None = None  # (epoch, placement) not yet switched to
+        self._stage_lock = threading.Lock()
+
+    def stage(self, epoch: int, parallel: ParallelConfig) -> None:
+        """From any thread: the placement to switch to once every coordinator has staged `epoch` (the expert
+        ranks must have staged their shards of it first). Same ranks; only where the copies live changes."""
+        if (parallel.num_coordinators, parallel.num_workers) != (self.parallel.num_coordinators,
+                                                                  self.parallel.num_workers):
+            raise ValueError(f"a move keeps the ranks: {parallel.num_coordinators} coordinators x "
+                             f"{parallel.num_workers} workers staged on {self.parallel.num_coordinators} x "
+                             f"{self.parallel.num_workers}")
+        if epoch <= self.placement_epoch:
+            raise ValueError(f"placement epoch {epoch} is not after the current {self.placement_epoch}")
+        with self._stage_lock:
+            self._staged = (epoch, parallel)
+
+    def _switch_to(self, epoch: int) -> None:
+        with self._stage_lock:
+            staged, self._staged = self._staged, None
+        assert staged is not None and staged[0] == epoch, f"plan at epoch {epoch}, staged {staged}"
+        self.parallel = staged[1]
+        self.replicas = ReplicaTable.from_parallel(self.parallel, self.device)
+        self.max_local_experts = self.parallel.max_local_experts
+        self.placement_epoch = epoch
 
     def begin_step(self, micro_batch_tokens: tuple[int, ...]) -> int:
         """Sends this step's header; returns the step's micro-batch count, which with several coordinators
@@ -97,8 +125,19 @@ class DistributedExperts:
 
     def _exchange(self, header: StepHeader) -> StepPlan:
         self.exchanges += 1
-        return exchange_headers(header, group=self.group, device=self.device,
+        with self._stage_lock:
+            ready = self._staged[0] if self._staged is not None else self.placement_epoch
+        plan = exchange_headers(replace(header, placement_epoch=ready), group=self.group, device=self.device,
                                 num_coordinators=self.parallel.num_coordinators)
+        if plan.placement_epoch != self.placement_epoch:
+            self._switch_to(plan.placement_epoch)
+        return plan
+
+    @property
+    def staged_epoch(self) -> int | None:
+        """The epoch staged and not yet switched to (None: none)."""
+        with self._stage_lock:
+            return self._staged[0] if self._staged is not None else None
 
     def _empty_step(self, plan: StepPlan) -> None:
         """A step of this coordinator's with no tokens: every layer's collectives of every micro-batch."""

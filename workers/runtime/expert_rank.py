@@ -7,10 +7,17 @@ arrive the way the attention ranks chose to send them, which the step plan says:
 micro-batches (ping-pong), each with its counts in one collective sized for its capacity, or after a
 split-size exchange when that is 0 (always with several coordinators, whose rows arrive by source and are
 regrouped by expert here).
-Shapes: M rows received, D model dim, e local experts.
+
+A balancer move (cluster.ray_engine) hands the rank its next shard beside serving (`stage`); the rank switches
+to it at the exchange whose plan first runs at that placement epoch (workers.runtime.step_header), before the
+step's first collective, and drops the old shard's tensors.
+Shapes: M rows received, D model dim, e local experts, L layers, E experts of the model.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,10 +31,19 @@ from workers.runtime.step_header import Command, exchange_headers
 from workers.runtime.timing import StepTimings
 
 
+@dataclass(frozen=True)
+class StagedShard:
+    """The shard of a placement epoch not yet switched to, and that placement's e_max."""
+
+    epoch: int
+    shard: ExpertShard
+    max_local_experts: int
+
+
 class ExpertRank:
     def __init__(
         self, shard: ExpertShard, *, group: dist.ProcessGroup, device: torch.device, max_local_experts: int,
-        hidden_size: int, num_coordinators: int,
+        hidden_size: int, num_coordinators: int, num_experts: int,
     ) -> None:
         self.shard = shard
         self.group = group
@@ -39,12 +55,33 @@ class ExpertRank:
         self.dtype = shard.layers[0].dtype
         self.timings = StepTimings.for_device(device)
         self.steps = 0
-        self.rows_per_local_expert = torch.zeros(len(shard.layers), len(shard.expert_ids), dtype=torch.int64)
+        self.placement_epoch = 0  # placements switched to in this group (a move's epoch, workers.runtime.step_header)
+        self._staged: StagedShard | None = None
+        self._stage_lock = threading.Lock()
+        # [L, E]: rows each expert's copy here has run, by global expert id (survives a move)
+        self.rows_per_expert = torch.zeros(len(shard.layers), num_experts, dtype=torch.int64)
+
+    def stage(self, epoch: int, shard: ExpertShard, max_local_experts: int) -> None:
+        """From any thread: the shard to switch to when the coordinators' plan reaches `epoch`."""
+        if epoch <= self.placement_epoch:
+            raise ValueError(f"placement epoch {epoch} is not after the current {self.placement_epoch}")
+        with self._stage_lock:
+            self._staged = StagedShard(epoch, shard, max_local_experts)
+
+    def _switch_to(self, epoch: int) -> None:
+        with self._stage_lock:
+            staged, self._staged = self._staged, None
+        if staged is None or staged.epoch != epoch:
+            raise DispatchError(f"the coordinators switch to placement epoch {epoch}, but this rank staged "
+                                f"{staged.epoch if staged else 'none'} (at {self.placement_epoch})")
+        self.shard, self.max_local_experts, self.placement_epoch = staged.shard, staged.max_local_experts, epoch
 
     def run(self) -> None:
         """Serve steps until every attention rank says STOP; a failed collective raises CollectiveError."""
         while True:
             plan = exchange_headers(None, group=self.group, device=self.device, num_coordinators=self.num_coordinators)
+            if plan.placement_epoch != self.placement_epoch:
+                self._switch_to(plan.placement_epoch)
             if plan.command is Command.STOP:
                 return
             if plan.command is Command.STEP:
@@ -75,6 +112,6 @@ class ExpertRank:
                 order_M = torch.argsort(expert_M, stable=True)
                 counts_e = counts_RE.sum(0)[:num_local].tolist()
                 y_MD = unpermute(run_grouped_experts(recv_x_MD[order_M], counts_e, self.shard.layers[layer]), order_M)
-            self.rows_per_local_expert[layer] += torch.tensor(counts_e)
+            self.rows_per_expert[layer, list(self.shard.expert_ids)] += torch.tensor(counts_e)
         with self.timings.phase("combine"):
             combine(y_MD, plan, group=self.group)

@@ -7,6 +7,11 @@ layer's rows come in (ping-pong, workers.runtime.attention_rank), and per micro-
 > 0 sends counts and rows in one collective sized for that many rows (`workers.comm.single_source`), 0
 exchanges split sizes first. The expert ranks never decide these themselves, so the two sides cannot
 disagree.
+
+Every header also carries the sender's placement epoch: the expert placement it is ready to use (a balancer
+move stages the next placement on every rank beside serving, cluster.ray_engine). The epoch a plan runs at is
+the lowest any coordinator sent, so every rank switches to a staged placement at the same exchange, before the
+step's first collective: a step never mixes two placements.
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ class StepHeader:
     # STEP only, one per micro-batch in the order each layer sends them: the rows each receiver's
     # single-collective slot holds, 0 for split sizes first
     capacities: tuple[int, ...] = ()
+    placement_epoch: int = 0  # the latest placement this coordinator has staged (every command)
 
     def __post_init__(self) -> None:
+        if self.placement_epoch < 0:
+            raise ValueError(f"placement_epoch must be >= 0, got {self.placement_epoch}")
         if self.num_tokens < 0 or any(c < 0 for c in self.capacities):
             raise ValueError(f"num_tokens ({self.num_tokens}) and capacities {self.capacities} must be >= 0")
         if len(self.capacities) > MAX_MICRO_BATCHES:
@@ -62,6 +70,11 @@ class StepPlan:
         return Command.STOP if commands == {Command.STOP} else Command.KEEPALIVE
 
     @property
+    def placement_epoch(self) -> int:
+        """The placement the step (or keepalive) runs with: the latest every coordinator has staged."""
+        return min(h.placement_epoch for h in self.headers)
+
+    @property
     def micro_batches(self) -> int:
         return max((len(h.capacities) for h in self.headers if h.command is Command.STEP), default=0)
 
@@ -79,13 +92,14 @@ def exchange_headers(
 ) -> StepPlan:
     """Every rank calls it once per step or keepalive: coordinators pass their header, expert ranks None.
     One all-gather; every rank returns the same plan."""
-    width = 3 + MAX_MICRO_BATCHES  # [command, num_tokens, micro-batches, capacity of each (0-padded)]
+    # [command, placement epoch, num_tokens, micro-batches, capacity of each (0-padded)]
+    width = 4 + MAX_MICRO_BATCHES
     if header is None:
         sent = [-1] * width
     else:
         capacities = list(header.capacities) + [0] * (MAX_MICRO_BATCHES - len(header.capacities))
-        sent = [int(header.command), header.num_tokens, len(header.capacities), *capacities]
-    mine = torch.tensor(sent, dtype=torch.int64, device=device)  # [3 + MAX_MICRO_BATCHES]
+        sent = [int(header.command), header.placement_epoch, header.num_tokens, len(header.capacities), *capacities]
+    mine = torch.tensor(sent, dtype=torch.int64, device=device)  # [4 + MAX_MICRO_BATCHES]
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     try:
         dist.all_gather(everyone, mine, group=group)
@@ -93,9 +107,9 @@ def exchange_headers(
         raise CollectiveError(f"step header exchange failed on rank {dist.get_rank(group)}: {exc}") from exc
     headers = []
     for wire in everyone[:num_coordinators]:
-        command, num_tokens, micro_batches, *capacities = wire.tolist()
+        command, epoch, num_tokens, micro_batches, *capacities = wire.tolist()
         if command < 0:
             raise CollectiveError(f"a coordinator rank sent no header (group of {num_coordinators} coordinators?)")
         headers.append(StepHeader(command=Command(command), num_tokens=num_tokens,
-                                  capacities=tuple(capacities[:micro_batches])))
+                                  capacities=tuple(capacities[:micro_batches]), placement_epoch=epoch))
     return StepPlan(tuple(headers))
