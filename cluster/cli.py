@@ -16,6 +16,7 @@ from cluster.chat_template import ChatTemplate
 from cluster.cpu_tuning import CpuPolicy
 from cluster.engine_factory import build_local_engine
 from cluster.errors import MixServeError, WorkerStartError
+from cluster.expert_balance import RoutingProfile
 from cluster.gateway.security import DEFAULT_MAX_MESSAGE_BYTES, SecurityOptions, load_api_keys, load_security
 from cluster.gateway.validation import RequestLimits
 from cluster.ray_engine import ClusterOptions, RayExpertParallelEngine
@@ -60,6 +61,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="extra physical expert copies (replicas) spread over the expert workers: copies of "
                              "experts 0, 1, ... in turn; each expert's rows are split between its copies, and "
                              "--workers may exceed the experts; needs --workers")
+    parser.add_argument("--routing-profile", type=Path, default=None,
+                        help="place the expert copies for this routing profile (JSON rows per layer and expert, "
+                             "written by `serve --save-routing-profile`): hot experts get the redundant copies and "
+                             "the copies are spread to even out the workers' rows; None: contiguous blocks; needs "
+                             "--workers")
     parser.add_argument("--placement", default="PACK", help="placement group strategy: PACK, SPREAD, STRICT_*")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--collective-timeout", type=float, default=20.0, help="seconds before a collective fails")
@@ -161,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="logical CPUs the ranks on this host leave to the gateway: they run that many fewer torch "
                           "threads (at least 1); None: 1 for models of under 50M active parameters per token, "
                           "whose tokens are cheap next to streaming them, else 0 (measured: docs/PERFORMANCE.md)")
+    balance = srv.add_argument_group("expert balancer", "moves expert copies to follow the traffic while serving "
+                                     "(docs/SCALING.md, 'Expert replicas and the balancer')")
+    balance.add_argument("--balance-interval", type=float, default=0.0,
+                         help="seconds between balancer runs; each plans a placement from the routed rows of the "
+                              "window and moves copies when it pays; 0: off; needs --workers")
+    balance.add_argument("--balance-window", type=float, default=300.0,
+                         help="seconds of routed rows (a sliding window) each balancer run plans from")
+    balance.add_argument("--balance-threshold", type=float, default=0.05,
+                         help="move only when the predicted imbalance (sum over layers of the busiest worker's rows "
+                              "over the mean) drops by more than this share")
+    balance.add_argument("--save-routing-profile", type=Path, default=None,
+                         help="at shutdown, write the rows routed per layer and expert since start to this JSON file "
+                              "(for a later --routing-profile)")
     _add_serve_security_args(srv)
 
     cli = sub.add_parser("client", help="stream a completion from a running server", formatter_class=DEFAULTS)
@@ -203,13 +222,18 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> tu
 
 def _cluster_options(args: argparse.Namespace) -> ClusterOptions:
     """The scale flags, checked against the model's experts before anything starts."""
+    cfg = ModelConfig.from_model_dir(args.model)
+    profile = None
+    if args.routing_profile is not None:
+        profile = RoutingProfile.load(args.routing_profile, num_layers=cfg.num_hidden_layers,
+                                      num_experts=cfg.num_local_experts)
     options = ClusterOptions(
         num_workers=args.workers, num_coordinators=args.coordinators, redundant_experts=args.redundant_experts,
-        placement_strategy=args.placement,
+        routing_profile=profile, placement_strategy=args.placement,
         collective_timeout_s=args.collective_timeout,
         cpu=CpuPolicy(threads_per_rank=args.threads, reserved_cpus=_reserved_cpus(args)),
     )
-    options.placement(ModelConfig.from_model_dir(args.model).num_local_experts)
+    options.placement(cfg.num_local_experts)
     return options
 
 
@@ -242,6 +266,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from cluster.gateway.balancer import BalancerSettings
     from cluster.gateway.server import GatewayOptions
     from cluster.serve import serve
 
@@ -256,7 +281,12 @@ def run_serve(args: argparse.Namespace) -> int:
                              health_port=args.health_port, chat_template=args.chat_template,
                              http_port=None if args.no_http else args.http_port,
                              limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit,
-                                                  max_prompt_chars=args.max_prompt_chars))
+                                                  max_prompt_chars=args.max_prompt_chars),
+                             balancer=BalancerSettings(interval_s=args.balance_interval, window_s=args.balance_window,
+                                                       threshold=args.balance_threshold),
+                             save_routing_profile=args.save_routing_profile)
+    if options.balancer.enabled and not args.workers:
+        raise ValueError("--balance-interval moves expert copies between expert workers: it needs --workers >= 1")
     load_security(security)  # fail on a bad file now, not after the cluster has started; the gateway reloads once
     ChatTemplate.from_model_dir(args.model, path=args.chat_template)  # a bad template fails before the cluster starts
     serve(_settings(args), _cluster_options(args), scheduler, options, args.ray_address)

@@ -33,7 +33,9 @@ TINY_VARIANTS: dict[str, dict] = {
 
 
 def write_tiny_mixtral(out_dir: Path, *, seed: int = 0, vocab_size: int = 256, shard: str | None = None,
-                       initializer_range: float = 0.08, tie_word_embeddings: bool = False, **overrides) -> Path:
+                       initializer_range: float = 0.08, tie_word_embeddings: bool = False,
+                       favour_experts: tuple[int, ...] = (), **overrides) -> Path:
+    """favour_experts: every layer's router sends most rows to these (cluster/bench/router_skew.py)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(
@@ -42,6 +44,11 @@ def write_tiny_mixtral(out_dir: Path, *, seed: int = 0, vocab_size: int = 256, s
     )
     torch.manual_seed(seed)
     model = MixtralForCausalLM(cfg).eval()
+    if favour_experts:
+        from cluster.bench.router_skew import skew_routers
+
+        calibration = torch.randint(3, vocab_size, (8, 32), generator=torch.Generator().manual_seed(seed))
+        skew_routers(model, tuple(favour_experts), calibration)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(out_dir, **kwargs)
     return out_dir

@@ -371,7 +371,7 @@ class EngineClient:
         with contextlib.suppress(ray.exceptions.RayError, WorkerUnavailable):
             readings = await asyncio.to_thread(self.engine.worker_readings)
             self.metrics.set_worker_phase_seconds([dict(r["seconds"]) for r in readings])
-            self.metrics.set_worker_rows([r["rows_per_local_expert"] for r in readings])
+            self.metrics.set_worker_rows([r["rows_per_expert"] for r in readings])
         return all(coordinators) and all(workers)
 
     async def _set_healthy(self, healthy: bool) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cluster.engine_stats import StatsSnapshot
-from workers.config import ParallelConfig
 from workers.runtime.timing import PHASES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -19,17 +18,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class GatewayMetrics:
-    def __init__(self, *, num_layers: int, placement: ParallelConfig, num_workers: int,
-                 num_coordinators: int = 1) -> None:
-        """placement: where each expert's copies live; num_workers: the expert workers (0: every expert in the
-        coordinator, and no per-worker series)."""
+    def __init__(self, *, num_layers: int, num_experts: int, num_workers: int, num_coordinators: int = 1) -> None:
+        """num_workers: the expert workers (0: every expert in the coordinator, and no per-worker series)."""
         self.registry = CollectorRegistry()
-        workers_of_expert = placement.workers_of_expert
-        self.workers_of_expert = workers_of_expert
         self.expert_workers = num_workers
         self._worker_seconds: list[dict[str, float]] = []  # the workers' cumulative phase seconds, last read
-        self._worker_rows: list[list[list[int]]] = []  # the workers' cumulative rows [worker][layer][local expert]
-        self.experts_of_worker = [placement.experts_of_worker(w) for w in range(num_workers)]
+        self._worker_rows: list[list[list[int]]] = []  # the workers' cumulative rows [worker][layer][expert]
+        self._routed_LE = [[0] * num_experts for _ in range(num_layers)]  # rows the coordinators routed, cumulative
         r = self.registry
         self.requests = Counter("mixserve_requests", "Finished requests by API (grpc, http), finish reason and gRPC "
                                 "status name (an HTTP error counts as the status it maps to)",
@@ -70,13 +65,27 @@ class GatewayMetrics:
                                          "blocks were reused instead of computed", registry=r)
         self.expert_tokens = Counter("mixserve_expert_routed_tokens", "Token rows routed to each expert",
                                      ["layer", "expert"], registry=r)
-        self.worker_tokens = Counter("mixserve_worker_routed_tokens", "Token rows routed to each expert worker",
-                                     ["worker"], registry=r)
+        self.worker_tokens = Counter("mixserve_worker_routed_tokens", "Token rows each expert worker computed, as it "
+                                     "counts them (read about once a second)", ["worker"], registry=r)
         self.replica_rows = Counter("mixserve_expert_replica_rows", "Rows each physical expert copy computed, as "
                                     "its worker counts them", ["layer", "expert", "worker"], registry=r)
         self.imbalance = Gauge("mixserve_expert_worker_imbalance_ratio", "Per layer, the busiest expert worker's rows "
                                "over the mean worker's, over the gateway's last read of the workers (about 1 s) "
                                "that saw rows; 1 is balanced", ["layer"], registry=r)
+        self.balancer_runs = Counter("mixserve_balancer_runs", "Expert balancer runs (--balance-interval)", registry=r)
+        self.balancer_moves = Counter("mixserve_balancer_moves", "Placement moves the expert balancer made",
+                                      registry=r)
+        self.balancer_moved_copies = Counter("mixserve_balancer_moved_copies", "Expert copies workers read for the "
+                                             "balancer's moves", registry=r)
+        self.balancer_move_failures = Counter("mixserve_balancer_move_failures", "Balancer moves that did not happen "
+                                              "(a rank could not stage or switch)", registry=r)
+        self.balancer_move_seconds = Histogram("mixserve_balancer_move_seconds", "One move: the workers read their "
+                                               "new experts beside serving, then every rank switches at a step "
+                                               "boundary", buckets=LATENCY_BUCKETS, registry=r)
+        self.predicted_imbalance = Gauge("mixserve_balancer_predicted_imbalance", "The balancer's last prediction "
+                                         "over its window: the busiest worker's rows summed over layers, over the "
+                                         "mean worker's (1 is balanced), for the current placement and the one it "
+                                         "planned; 0 until a run saw rows", ["placement"], registry=r)
         self.worker_up = Gauge("mixserve_worker_up", "1 while the expert worker serves", ["worker"], registry=r)
         self.num_workers = Gauge("mixserve_num_expert_workers", "Configured expert workers", registry=r)
         self.worker_failures = Counter("mixserve_worker_failures", "Expert worker failures detected", registry=r)
@@ -93,10 +102,12 @@ class GatewayMetrics:
             for gauge in (self.running, self.waiting, self.kv_usage, self.coordinator_up):
                 gauge.labels(coordinator=coordinator).set(0)
             self.placed_requests.labels(coordinator=coordinator)
+        for placement in ("current", "proposed"):
+            self.predicted_imbalance.labels(placement=placement).set(0)
         for phase in PHASES:
             self.phase.labels(phase=phase)
         for layer in range(num_layers):
-            for expert in range(len(workers_of_expert)):
+            for expert in range(num_experts):
                 self.expert_tokens.labels(layer=str(layer), expert=str(expert))
         for worker in range(num_workers):
             self.worker_tokens.labels(worker=str(worker))
@@ -115,20 +126,24 @@ class GatewayMetrics:
             for phase, seconds in step.items():
                 if seconds > 0:
                     self.phase.labels(phase=phase).observe(seconds)
-        per_worker: dict[int, int] = {}
         for layer, row in enumerate(stats.routed_tokens_LE):
             for expert, count in enumerate(row):
                 if count:
                     self.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(count)
-                    # a replicated expert's rows counted as split evenly between its copies (the dispatcher's split,
-                    # workers.runtime.replicas, differs by at most one row per micro-batch)
-                    workers = self.workers_of_expert[expert]
-                    share, odd = divmod(count, len(workers))
-                    for copy, worker in enumerate(workers):
-                        per_worker[worker] = per_worker.get(worker, 0) + share + (copy < odd)
-        if self.expert_workers:  # with no expert workers the experts run in the coordinator
-            for worker, count in per_worker.items():
-                self.worker_tokens.labels(worker=str(worker)).inc(count)
+                    self._routed_LE[layer][expert] += count
+
+    def routed_rows_LE(self) -> list[list[int]]:
+        """Rows the coordinators routed to each (layer, expert) since the gateway started (a copy)."""
+        return [list(row) for row in self._routed_LE]
+
+    def set_predicted_imbalance(self, *, current: float, proposed: float) -> None:
+        self.predicted_imbalance.labels(placement="current").set(current)
+        self.predicted_imbalance.labels(placement="proposed").set(proposed)
+
+    def observe_move(self, moved_copies: int, seconds: float) -> None:
+        self.balancer_moves.inc()
+        self.balancer_moved_copies.inc(moved_copies)
+        self.balancer_move_seconds.observe(seconds)
 
     def count_request(self, *, finish_reason: str, code: str, api: str = "grpc") -> None:
         """One finished or rejected request; `api` is "grpc" or "http"."""
@@ -157,23 +172,27 @@ class GatewayMetrics:
         self._worker_seconds = [dict(s) for s in cumulative]
 
     def set_worker_rows(self, cumulative: list[list[list[int]]]) -> None:
-        """Advances the per-copy row counters to the workers' cumulative rows [worker][layer][local expert] and
-        sets each layer's imbalance from what the read added; a worker whose rows went down was replaced."""
-        if len(cumulative) != len(self.experts_of_worker):
+        """Advances the per-copy and per-worker row counters to the workers' cumulative rows [worker][layer][expert]
+        (a worker counts the rows of the experts it holds, whichever placement held them) and sets each layer's
+        imbalance from what the read added; a worker whose rows went down was replaced."""
+        if len(cumulative) != self.expert_workers:
             return
         previous = self._worker_rows if len(self._worker_rows) == len(cumulative) else [[] for _ in cumulative]
         gained_LW: dict[int, list[int]] = {}
         for worker, (before, now) in enumerate(zip(previous, cumulative, strict=True)):
             for layer, rows in enumerate(now):
-                old = before[layer] if layer < len(before) else [0] * len(rows)
+                old = before[layer] if layer < len(before) and len(before[layer]) == len(rows) else [0] * len(rows)
                 added = [n - o for n, o in zip(rows, old, strict=True)]
                 if any(a < 0 for a in added):
                     added = list(rows)
                 gained_LW.setdefault(layer, [0] * len(cumulative))[worker] = sum(added)
-                for local, count in enumerate(added):
-                    expert = self.experts_of_worker[worker][local]
-                    self.replica_rows.labels(layer=str(layer), expert=str(expert), worker=str(worker)).inc(count)
+                for expert, count in enumerate(added):
+                    if count:
+                        self.replica_rows.labels(layer=str(layer), expert=str(expert), worker=str(worker)).inc(count)
         for layer, per_worker in gained_LW.items():
             if sum(per_worker):
                 self.imbalance.labels(layer=str(layer)).set(max(per_worker) * len(per_worker) / sum(per_worker))
+        for worker in range(len(cumulative)):
+            gained = sum(per_worker[worker] for per_worker in gained_LW.values())
+            self.worker_tokens.labels(worker=str(worker)).inc(gained)
         self._worker_rows = [[list(r) for r in w] for w in cumulative]

@@ -21,6 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from cluster.expert_balance import RoutingProfile, RoutingProfileError
+from cluster.gateway.balancer import BalancerSettings, ExpertBalancer
 from cluster.gateway.engine_client import EngineClient
 from cluster.gateway.handlers import add_mixserve_servicer
 from cluster.gateway.http_api import OpenAIApp
@@ -52,6 +54,9 @@ class GatewayOptions:
     health_port: int | None = None
     chat_template: Path | None = None  # --chat-template; None: the checkpoint's (cluster.chat_template)
     http_port: int | None = None  # the OpenAI-compatible HTTP API on `host`; None: off, 0: any free port
+    balancer: BalancerSettings = field(default_factory=BalancerSettings)  # the online expert balancer (off)
+    # --save-routing-profile: rows routed per (layer, expert) since start, written at stop (cluster.expert_balance)
+    save_routing_profile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.limits.max_prompt_chars > self.security.max_message_bytes:
@@ -70,8 +75,7 @@ class Gateway:
         self.engine = engine
         self.options = options
         cfg = engine.cfg
-        self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers,
-                                      placement=engine.placement,
+        self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers, num_experts=cfg.num_local_experts,
                                       num_workers=engine.options.num_workers,
                                       num_coordinators=engine.num_coordinators)
         self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s)
@@ -88,6 +92,11 @@ class Gateway:
         self.metrics_port = 0
         self._metrics_server = None
         self._stopped = asyncio.Event()
+        self.balancer: ExpertBalancer | None = None
+        if options.balancer.enabled and engine.options.num_workers:
+            self.balancer = ExpertBalancer(engine, self.metrics, options.balancer,
+                                           recovering=lambda: self.client.recovering)
+        self._balancer_task: asyncio.Task | None = None
 
     def model_info(self) -> pb.ModelInfo:
         cfg, settings = self.engine.cfg, self.engine.settings
@@ -118,6 +127,8 @@ class Gateway:
         self.client.on_health_change = self._set_health
         await self.client.start()
         await self._set_health(self.client.healthy)
+        if self.balancer is not None:
+            self._balancer_task = asyncio.create_task(self.balancer.run(), name="expert balancer")
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -174,6 +185,8 @@ class Gateway:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
+        if self._balancer_task is not None:
+            self._balancer_task.cancel()
         drains = [self.server.stop(self.options.grace_s)]
         if self.http_server is not None:
             drains.append(self.http_server.stop())
@@ -181,9 +194,21 @@ class Gateway:
         if self.health_server is not None:  # probes saw NOT_SERVING during the drain
             await self.health_server.stop(0)
         await self.client.stop()
+        self._save_routing_profile()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+
+    def _save_routing_profile(self) -> None:
+        path = self.options.save_routing_profile
+        if path is None:
+            return
+        try:
+            RoutingProfile.from_rows(self.metrics.routed_rows_LE()).save(path)
+        except (RoutingProfileError, OSError) as exc:  # nothing routed, or the path cannot be written
+            log.warning("routing profile not saved to %s: %s", path, exc)
+        else:
+            log.info("routing profile saved to %s", path)
 
     async def wait(self) -> None:
         await self._stopped.wait()

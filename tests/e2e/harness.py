@@ -23,13 +23,14 @@ from protos import mixserve_pb2_grpc as pb_grpc
 
 class RunningGateway:
     def __init__(self, model_dir: Path, *, workers: int, scheduler: SchedulerConfig | None = None,
-                 options: GatewayOptions | None = None, kv_cache_bytes: int = 8 * 2**20, coordinators: int = 1) -> None:
+                 options: GatewayOptions | None = None, kv_cache_bytes: int = 8 * 2**20, coordinators: int = 1,
+                 redundant_experts: int = 0) -> None:
         settings = EngineSettings(model_dir=model_dir, device=torch.device("cpu"), dtype=torch.float32,
                                   kv_cache_bytes=kv_cache_bytes)
         self.engine = RayExpertParallelEngine(
             settings,
-            ClusterOptions(num_workers=workers, num_coordinators=coordinators, cpu=CpuPolicy(threads_per_rank=1),
-                           collective_timeout_s=15),
+            ClusterOptions(num_workers=workers, num_coordinators=coordinators, redundant_experts=redundant_experts,
+                           cpu=CpuPolicy(threads_per_rank=1), collective_timeout_s=15),
             scheduler,
         )
         self.options = options or GatewayOptions(port=0, metrics_port=0, http_port=0, grace_s=5)

@@ -207,18 +207,22 @@ def test_invalid_fields_are_named_and_the_server_keeps_serving(server, request_,
 
 
 def test_metrics_agree_with_the_traffic(ray_cluster, served_model):
+    cfg = ModelConfig.from_model_dir(served_model)
     with RunningGateway(served_model, workers=2) as fresh:
         responses = [fresh.stub.Generate(_request(list(range(3, 3 + n)), 3 + n % 5, temperature=0.0), timeout=60)
                      for n in (1, 7, 19, 4)]
+        prompt = sum(r.usage.prompt_tokens for r in responses)
+        completion = sum(r.usage.completion_tokens for r in responses)
+        routed = cfg.num_hidden_layers * (prompt + completion - len(responses)) * cfg.num_experts_per_tok
         text = _wait_idle(fresh)
-    cfg = ModelConfig.from_model_dir(served_model)
-    prompt = sum(r.usage.prompt_tokens for r in responses)
-    completion = sum(r.usage.completion_tokens for r in responses)
+        deadline = time.monotonic() + 10  # the workers' own counts are read about once a second
+        while _metric(text, "mixserve_worker_routed_tokens_total") != routed and time.monotonic() < deadline:
+            time.sleep(0.3)
+            text = _metrics(fresh)
     assert _metric(text, "mixserve_prompt_tokens_total") == prompt
     assert _metric(text, "mixserve_generation_tokens_total") == completion
     assert _metric(text, "mixserve_requests_total", '{finish_reason="length",code="OK"}') == 4
-    fed = prompt + completion - len(responses)  # the last sampled token of each request is never fed back
-    routed = cfg.num_hidden_layers * fed * cfg.num_experts_per_tok
+    # the last sampled token of each request is never fed back: `routed` counts the rest
     assert _metric(text, "mixserve_expert_routed_tokens_total") == routed
     assert _metric(text, "mixserve_worker_routed_tokens_total") == routed
     assert _metric(text, "mixserve_time_to_first_token_seconds_count") == 4

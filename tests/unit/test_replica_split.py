@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine_stats import StatsSnapshot
 from cluster.gateway.metrics import GatewayMetrics
 from workers.config import ParallelConfig
 from workers.runtime.replicas import ReplicaTable, occurrence_index, replica_of_rows
@@ -69,35 +68,38 @@ def test_every_row_goes_to_a_copy_of_its_expert(num_workers: int, redundant: int
         assert local_N.tolist() == [parallel.local_index_of_expert[e] for e in ids_N.tolist()]
 
 
-# experts 0 and 2 on worker 0, expert 1 on worker 1, and a second copy of expert 0 on worker 1
-_EXPERT_0_ON_BOTH = ParallelConfig(worker_of_expert=(0, 1, 0), redundant_copies=((0, 1),))
+def _copy_rows(metrics: GatewayMetrics, layer: int, expert: int, worker: int) -> float | None:
+    labels = {"layer": str(layer), "expert": str(expert), "worker": str(worker)}
+    return metrics.registry.get_sample_value("mixserve_expert_replica_rows_total", labels)
 
 
-def test_worker_rows_metric_shares_a_replicated_experts_rows():
-    """The gateway's per-worker routed rows count a replicated expert's rows as split evenly between copies."""
-    metrics = GatewayMetrics(num_layers=1, placement=_EXPERT_0_ON_BOTH, num_workers=2)
-    metrics.observe_stats(StatsSnapshot(num_running=0, num_waiting=0, kv_cache_usage=0.0, batch_sizes=(),
-                                        batch_tokens=(), phase_seconds=(), routed_tokens_LE=((5, 2, 1),)))
-    rows = {w: metrics.registry.get_sample_value("mixserve_worker_routed_tokens_total", {"worker": str(w)})
-            for w in (0, 1)}
-    assert rows == {0: 3 + 1, 1: 2 + 2}
-
-
-def test_per_copy_rows_and_the_imbalance_come_from_the_workers_own_counts():
-    """Expert 0 has copies on workers 0 and 1; worker 0 holds experts (0, 2), worker 1 (0, 1)."""
-    metrics = GatewayMetrics(num_layers=2, placement=_EXPERT_0_ON_BOTH, num_workers=2)
-
-    def copy_rows(layer: int, expert: int, worker: int) -> float:
-        labels = {"layer": str(layer), "expert": str(expert), "worker": str(worker)}
-        return metrics.registry.get_sample_value("mixserve_expert_replica_rows_total", labels)
+def test_per_copy_rows_per_worker_rows_and_the_imbalance_come_from_the_workers_own_counts():
+    """Expert 0 has copies on workers 0 and 1; worker 0 holds experts (0, 2), worker 1 (0, 1): each reports rows
+    [layer][expert] for the experts it holds."""
+    metrics = GatewayMetrics(num_layers=2, num_experts=3, num_workers=2)
 
     def imbalance(layer: int) -> float | None:
         return metrics.registry.get_sample_value("mixserve_expert_worker_imbalance_ratio", {"layer": str(layer)})
 
-    metrics.set_worker_rows([[[3, 1], [2, 2]], [[4, 4], [2, 2]]])
-    assert (copy_rows(0, 0, 0), copy_rows(0, 2, 0), copy_rows(0, 0, 1), copy_rows(0, 1, 1)) == (3, 1, 4, 4)
+    def worker_rows(worker: int) -> float | None:
+        return metrics.registry.get_sample_value("mixserve_worker_routed_tokens_total", {"worker": str(worker)})
+
+    metrics.set_worker_rows([[[3, 0, 1], [2, 0, 2]], [[4, 4, 0], [2, 2, 0]]])
+    assert [_copy_rows(metrics, 0, e, w) for e, w in ((0, 0), (2, 0), (0, 1), (1, 1))] == [3, 1, 4, 4]
+    assert _copy_rows(metrics, 0, 1, 0) is None  # no series for a copy that never ran rows
     assert imbalance(0) == pytest.approx(8 * 2 / 12) and imbalance(1) == pytest.approx(1.0)
-    metrics.set_worker_rows([[[3, 1], [2, 2]], [[4, 10], [2, 2]]])  # only worker 1 gained, in layer 0
-    assert copy_rows(0, 1, 1) == 10 and imbalance(0) == pytest.approx(2.0) and imbalance(1) == pytest.approx(1.0)
-    metrics.set_worker_rows([[[3, 1], [2, 2]], [[1, 0], [0, 0]]])  # worker 1 replaced: its rows count from zero
-    assert copy_rows(0, 0, 1) == 5
+    assert (worker_rows(0), worker_rows(1)) == (8, 12)
+    metrics.set_worker_rows([[[3, 0, 1], [2, 0, 2]], [[4, 10, 0], [2, 2, 0]]])  # only worker 1 gained, in layer 0
+    assert _copy_rows(metrics, 0, 1, 1) == 10 and imbalance(0) == pytest.approx(2.0)
+    assert imbalance(1) == pytest.approx(1.0) and worker_rows(1) == 18
+    metrics.set_worker_rows([[[3, 0, 1], [2, 0, 2]], [[1, 0, 0], [0, 0, 0]]])  # worker 1 replaced: counts from zero
+    assert _copy_rows(metrics, 0, 0, 1) == 5 and worker_rows(1) == 19
+
+
+def test_rows_after_a_move_count_for_the_copy_that_ran_them():
+    """Worker 0 held expert 0 and then (after a move) expert 1: its reading keeps both, each copy's series grows
+    only while the worker holds it."""
+    metrics = GatewayMetrics(num_layers=1, num_experts=2, num_workers=1)
+    metrics.set_worker_rows([[[5, 0]]])
+    metrics.set_worker_rows([[[5, 7]]])
+    assert (_copy_rows(metrics, 0, 0, 0), _copy_rows(metrics, 0, 1, 0)) == (5, 7)
