@@ -1,5 +1,6 @@
-"""`mixserve bench {offline,serve,mixed,failover,capacity,make-model}`: the arguments and the run (measure, print the
-tables, write JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the bench."""
+"""`mixserve bench {offline,serve,mixed,failover,balance,capacity,make-model}`: the arguments and the run (measure,
+print the tables, write JSON and PNG). cluster/cli.py hands `mixserve bench ...` here, so serving never imports the
+bench."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.balance import BalanceOptions, BalanceReport, format_balance, run_balance
 from cluster.bench.capacity import main as print_capacity_tables
 from cluster.bench.failover import FailoverOptions, FailoverReport, format_failover, run_failover
 from cluster.bench.mixed import MixedOptions, MixedReport, format_mixed, run_mixed
@@ -20,6 +22,7 @@ from cluster.bench.prefix_cache import mismatches
 from cluster.bench.report import OfflineReport, ServeReport, format_offline, format_serve, write_json
 from cluster.bench.serve import ServeOptions, run_serve
 from cluster.bench.workload import PRESETS, EngineSetup, Workload, write_preset
+from cluster.expert_balance import RoutingProfile
 from cluster.settings import (
     DEFAULT_MODEL_DIR,
     resolve_device,
@@ -27,6 +30,7 @@ from cluster.settings import (
     resolve_micro_batches,
     resolve_reserved_cpus,
 )
+from workers.config import ModelConfig
 from workers.runtime.attention_rank import MicroBatching
 
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet that ray.init starts
@@ -170,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--kill-after-tokens", type=int, default=8, help="every stream has this many tokens first")
     fail.add_argument("--reserved-cpus", type=int, default=None,
                       help="logical CPUs the ranks leave to the gateway; default: what `mixserve serve` picks")
+    bal = modes.add_parser("balance", formatter_class=defaults,
+                           help="the expert balancer on the served path: the same greedy streams before, during "
+                                "and after one balancer move (busiest worker's share of the rows, expert seconds, "
+                                "tokens/s, latency) and what the move cost")
+    _engine_args(bal, max_batched_tokens=1024, workers=(2,))
+    bal.add_argument("--redundant-experts", type=int, default=2, help="`mixserve serve --redundant-experts`")
+    bal.add_argument("--routing-profile", type=Path, default=None, help="`mixserve serve --routing-profile`")
+    bal.add_argument("--balance-threshold", type=float, default=0.05, help="`mixserve serve --balance-threshold`")
+    bal.add_argument("--num-prompts", type=int, default=32, help="streams per phase")
+    bal.add_argument("--concurrency", type=int, default=16, help="concurrent streams (closed loop)")
+    bal.add_argument("--input-len", type=int, default=64, help="prompt tokens per stream")
+    bal.add_argument("--output-len", type=int, default=64, help="generated tokens per stream (exactly)")
+    bal.add_argument("--reserved-cpus", type=int, default=None,
+                     help="logical CPUs the ranks leave to the gateway; default: what `mixserve serve` picks")
     modes.add_parser("capacity", formatter_class=defaults,
                      help="print docs/SCALING.md's capacity tables (arithmetic only; run from the repository root)")
     model = modes.add_parser("make-model", help="write a random benchmark checkpoint (kept when present)",
@@ -177,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", choices=sorted(PRESETS), required=True)
     model.add_argument("--out", type=Path, required=True)
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--favour-experts", type=_ints, default=(), metavar="EXPERTS",
+                       help="experts, comma-separated (e.g. 2,3), that the router of every layer favours: on random "
+                            "prompts of any length they get halfway from their uniform share of the top-k rows to "
+                            "all they can take (2 of 8 experts at top-2: about 62%% of the rows instead of 25%%), the "
+                            "skewed load that --redundant-experts and the balancer are for. Still an ordinary "
+                            "Mixtral checkpoint: scaled token embeddings and a constant hidden dimension that only "
+                            "the routers read (cluster/bench/router_skew.py). Recorded in the directory's "
+                            "mixserve-bench.json: a directory written favouring other experts (or none) is replaced, "
+                            "never reused")
     return bench
 
 
@@ -275,11 +302,30 @@ def _failover(args: argparse.Namespace) -> FailoverReport:
                                         kill_after_tokens=args.kill_after_tokens, ray_address=args.ray_address))
 
 
+def _balance(args: argparse.Namespace) -> BalanceReport:
+    _one_switch(args)
+    if len(args.workers) != 1 or len(args.coordinators) != 1:
+        raise ValueError(f"balance runs one engine: give one --workers and one --coordinators count, got "
+                         f"{args.workers} and {args.coordinators}")
+    workload = Workload(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                        seed=args.seed)
+    setup = _engine_setup(args, max_num_seqs=args.concurrency, input_len=args.input_len, here=False)
+    profile = None
+    if args.routing_profile is not None:
+        cfg = ModelConfig.from_model_dir(args.model)
+        profile = RoutingProfile.load(args.routing_profile, num_layers=cfg.num_hidden_layers,
+                                      num_experts=cfg.num_local_experts)
+    return run_balance(BalanceOptions(
+        setup=setup, workload=workload, concurrency=args.concurrency, workers=args.workers[0],
+        coordinators=args.coordinators[0], redundant_experts=args.redundant_experts, threshold=args.balance_threshold,
+        routing_profile=profile, ray_address=args.ray_address))
+
+
 def main(argv: list[str]) -> int:
     """`mixserve bench` with argv after "bench"; errors are cluster/cli.py's to report."""
     args = build_parser().parse_args(argv)
     if args.bench_mode == "make-model":
-        print(write_preset(args.preset, args.out, seed=args.seed))
+        print(write_preset(args.preset, args.out, seed=args.seed, favour_experts=args.favour_experts))
         return 0
     if args.bench_mode == "capacity":
         print_capacity_tables()
@@ -294,6 +340,9 @@ def main(argv: list[str]) -> int:
     elif args.bench_mode == "failover":
         report = _failover(args)
         print(format_failover(report, markdown=args.markdown))
+    elif args.bench_mode == "balance":
+        report = _balance(args)
+        print(format_balance(report, markdown=args.markdown))
     else:
         report = _serve(args)
         print(format_serve(report, markdown=args.markdown))

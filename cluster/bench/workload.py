@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from cluster.bench.router_skew import check_favoured, skew_routers
 from cluster.requests import GenerationRequest
 from cluster.scheduler import SchedulerConfig
 from cluster.settings import EngineSettings
@@ -81,7 +82,8 @@ def engine_requests(prompts: list[tuple[int, ...]], output_len: int, tag: str) -
 
 
 # Random Mixtral checkpoints, written once with transformers' `save_pretrained` and reused: a directory counts
-# as present when its config.json carries the preset's shape. Written into a temporary sibling and renamed, so
+# as present when its config.json carries the preset's shape and its BENCH_RECORD the same favoured experts (none
+# when it has no record: checkpoints written before the record). Written into a temporary sibling and renamed, so
 # an interrupted write is never mistaken for a checkpoint; weights are created once, in fp32, in 1 GB shards.
 PRESETS: dict[str, dict] = {
     # stands in for models/mixserve-tiny until it exists (W1)
@@ -95,29 +97,53 @@ PRESETS: dict[str, dict] = {
 }
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "num_local_experts", "num_experts_per_tok")
+# Beside config.json: how the bench made the checkpoint beyond its shape ({"favour_experts": [...], ...}). No
+# mixserve or transformers code reads it; the checkpoint stays a plain Hugging Face directory.
+BENCH_RECORD = "mixserve-bench.json"
+CALIBRATION = Workload(num_prompts=8, input_len=64, output_len=1)  # the prompts a favouring router is tuned on
 
 
-def _has_checkpoint(out_dir: Path, spec: dict) -> bool:
+def recorded_favour(model_dir: Path) -> tuple[int, ...]:
+    """The experts a bench checkpoint's routers favour, from its BENCH_RECORD (none without one)."""
+    try:
+        return tuple(json.loads((model_dir / BENCH_RECORD).read_text())["favour_experts"])
+    except FileNotFoundError:
+        return ()
+
+
+def _has_checkpoint(out_dir: Path, spec: dict, favour_experts: tuple[int, ...]) -> bool:
     try:
         raw = json.loads((out_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        favoured = recorded_favour(out_dir)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return False
     weights = (out_dir / "model.safetensors").exists() or (out_dir / "model.safetensors.index.json").exists()
-    return weights and all(raw.get(k) == spec[k] for k in SHAPE_KEYS)
+    return weights and all(raw.get(k) == spec[k] for k in SHAPE_KEYS) and favoured == favour_experts
 
 
-def write_random_mixtral(out_dir: Path, spec: dict, *, seed: int = 0, initializer_range: float = 0.02) -> Path:
-    """Writes a random MixtralForCausalLM to out_dir unless a checkpoint of this shape is already there."""
+def write_random_mixtral(out_dir: Path, spec: dict, *, seed: int = 0, initializer_range: float = 0.02,
+                         favour_experts: tuple[int, ...] = ()) -> Path:
+    """Writes a random MixtralForCausalLM to out_dir unless a checkpoint of this shape, favouring the same experts,
+    is already there (one of another shape or favouring others is replaced). favour_experts: every layer's router
+    sends most rows to these experts (cluster/bench/router_skew.py); (): a plain random router, near-uniform."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    if _has_checkpoint(out_dir, spec):
+    favour_experts = tuple(favour_experts)
+    check_favoured(favour_experts, spec["num_local_experts"])
+    if _has_checkpoint(out_dir, spec, favour_experts):
         return out_dir
     cfg = MixtralConfig(initializer_range=initializer_range, tie_word_embeddings=False, bos_token_id=1,
                         eos_token_id=2, **spec)
     torch.manual_seed(seed)
     model = MixtralForCausalLM(cfg).eval()
+    record: dict = {"favour_experts": list(favour_experts)}
+    if favour_experts:
+        prompts = torch.tensor(make_prompts(replace(CALIBRATION, seed=seed), spec["vocab_size"]))
+        shares = skew_routers(model, favour_experts, prompts)
+        record["favoured_share_per_layer"] = [round(s, 4) for s in shares]
     tmp = out_dir.with_name(out_dir.name + f".tmp-{int(time.time())}")
     model.save_pretrained(tmp, max_shard_size="1GB")
+    (tmp / BENCH_RECORD).write_text(json.dumps(record) + "\n")
     del model
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -132,10 +158,10 @@ def load_transformers(model_dir: Path, dtype: torch.dtype, device: torch.device)
     return MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
-def write_preset(name: str, out_dir: Path, *, seed: int = 0) -> Path:
+def write_preset(name: str, out_dir: Path, *, seed: int = 0, favour_experts: tuple[int, ...] = ()) -> Path:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return write_random_mixtral(out_dir, PRESETS[name], seed=seed)
+    return write_random_mixtral(out_dir, PRESETS[name], seed=seed, favour_experts=favour_experts)
 
 
 @dataclass(frozen=True, kw_only=True)
