@@ -46,6 +46,10 @@ COUNTERS = {
     "mixserve_coordinator_placed_requests_total",
     "mixserve_worker_phase_seconds_total",
     "mixserve_expert_replica_rows_total",
+    "mixserve_balancer_runs_total",
+    "mixserve_balancer_moves_total",
+    "mixserve_balancer_moved_copies_total",
+    "mixserve_balancer_move_failures_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",
@@ -55,6 +59,7 @@ HISTOGRAMS = {
     "mixserve_batch_size",
     "mixserve_step_phase_seconds",
     "mixserve_recovery_seconds",
+    "mixserve_balancer_move_seconds",
 }
 GAUGES = {
     "mixserve_num_requests_running",
@@ -65,6 +70,7 @@ GAUGES = {
     "mixserve_coordinator_up",
     "mixserve_num_coordinators",
     "mixserve_expert_worker_imbalance_ratio",
+    "mixserve_balancer_predicted_imbalance",
 }
 # Series the gateway exports once per coordinator (label coordinator="0", "1", ...).
 PER_COORDINATOR = {

@@ -108,6 +108,33 @@ def test_dashboard_covers_the_coordinators(dashboard):
     assert phases["fieldConfig"]["defaults"]["unit"] == "percentunit", "seconds per second: a share of the time"
 
 
+def test_dashboard_covers_the_expert_balancer(dashboard):
+    """The balancer's runs, moves and moved copies, its move duration and its predicted imbalance of the current
+    and the proposed placement have panels of their own, in the Expert balancer row."""
+    (row,) = [p for p in dashboard["panels"] if p["type"] == "row" and p["title"] == "Expert balancer"]
+    top = row["gridPos"]["y"]
+    below = [p["gridPos"]["y"] for p in dashboard["panels"] if p["type"] == "row" and p["gridPos"]["y"] > top]
+    in_row = {p["title"]: p for p in panels(dashboard) if top < p["gridPos"]["y"] < min(below, default=10**6)}
+    assert set(in_row) >= {"Balancer runs and moves", "Balancer move duration",
+                           "Predicted imbalance: current vs proposed"}, sorted(in_row)
+
+    def exprs(title: str) -> list[str]:
+        return [t["expr"] for t in in_row[title]["targets"]]
+
+    for counter in ("runs", "moves", "moved_copies"):
+        pattern = rf"^sum\((rate|increase)\(mixserve_balancer_{counter}_total\{{"
+        assert [e for e in exprs("Balancer runs and moves") if re.search(pattern, e)], f"no rate of {counter}"
+    for q in ("0.5", "0.99"):
+        pattern = (rf"^histogram_quantile\({re.escape(q)}, sum by \(le\) "
+                   r"\((rate|increase)\(mixserve_balancer_move_seconds_bucket\{")
+        assert [e for e in exprs("Balancer move duration") if re.search(pattern, e)], f"no quantile {q} of moves"
+    assert in_row["Balancer move duration"]["fieldConfig"]["defaults"]["unit"] == "s"
+    predicted = in_row["Predicted imbalance: current vs proposed"]
+    (target,) = predicted["targets"]
+    assert re.search(r"by \(placement\) \(mixserve_balancer_predicted_imbalance\{", target["expr"]), target["expr"]
+    assert target["legendFormat"] == "{{placement}}", "one line per placement: current and proposed"
+
+
 def test_panels_do_not_overlap(dashboard):
     boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
     for (a, ga), (b, gb) in combinations(boxes, 2):

@@ -110,6 +110,7 @@ mixserve/worker-group: {{ .group.name }}
 {{- if and (gt $coordinators 1) (lt (int .Values.serve.expertWorkers) 1) }}
 {{- fail (printf "serve.coordinators (%d) > 1 needs serve.expertWorkers >= 1, got %d: the coordinators share the experts of the expert workers" $coordinators (int .Values.serve.expertWorkers)) }}
 {{- end }}
+{{- include "mixserve.validateExperts" . }}
 {{- $ranks := add (int .Values.serve.expertWorkers) $coordinators }}
 {{- if lt (int $slots) (int $ranks) }}
 {{- fail (printf "serve.expertWorkers (%d) + serve.coordinators (%d) need %d Ray bundles%s, but the head and worker groups offer only %d (head: min(raySlots, gpus) on CUDA; workers: replicas * expertWorkersPerPod)" (int .Values.serve.expertWorkers) $coordinators (int $ranks) (ternary " with one GPU each" "" $cuda) (int $slots)) }}
@@ -125,6 +126,26 @@ mixserve/worker-group: {{ .group.name }}
 {{- end }}
 {{- include "mixserve.validateGateway" . }}
 {{- include "mixserve.validateNetwork" . }}
+{{- end }}
+
+{{/* Checks of serve.redundantExperts and serve.balancer: expert copies live on the expert workers. */}}
+{{- define "mixserve.validateExperts" -}}
+{{- $workers := int .Values.serve.expertWorkers }}
+{{- if and (gt (int .Values.serve.redundantExperts) 0) (lt $workers 1) }}
+{{- fail (printf "serve.redundantExperts (%d) > 0 needs serve.expertWorkers >= 1, got %d: the extra expert copies live on the expert workers" (int .Values.serve.redundantExperts) $workers) }}
+{{- end }}
+{{- with .Values.serve.balancer }}
+{{- if and (gt (float64 .interval) 0.0) (lt $workers 1) }}
+{{- fail (printf "serve.balancer.interval (%v) > 0 needs serve.expertWorkers >= 1, got %d: the balancer moves expert copies between the expert workers" .interval $workers) }}
+{{- end }}
+{{- /* the schema bounds numbers; these catch decimal strings (helm --set passes fractions as strings) */}}
+{{- if le (float64 .window) 0.0 }}
+{{- fail (printf "serve.balancer.window (%v) must be > 0 seconds" .window) }}
+{{- end }}
+{{- if gt (float64 .threshold) 1.0 }}
+{{- fail (printf "serve.balancer.threshold (%v) must be within 0 and 1: a relative drop of the predicted imbalance" .threshold) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Checks of rdma.* and nccl.env. */}}
@@ -191,6 +212,19 @@ mixserve/worker-group: {{ .group.name }}
 - --ray-address=auto
 - --placement={{ .Values.serve.placement }}
 - --kv-cache-mib={{ int .Values.serve.kvCacheMiB }}
+{{- if gt (int .Values.serve.redundantExperts) 0 }}
+- --redundant-experts={{ int .Values.serve.redundantExperts }}
+{{- end }}
+{{- with .Values.serve.routingProfile }}
+- {{ printf "--routing-profile=%s" . | quote }}
+{{- end }}
+{{- with .Values.serve.balancer }}
+{{- if gt (float64 .interval) 0.0 }}
+- --balance-interval={{ include "mixserve.number" .interval }}
+- --balance-window={{ include "mixserve.number" .window }}
+- --balance-threshold={{ include "mixserve.number" .threshold }}
+{{- end }}
+{{- end }}
 {{- $dir := include "mixserve.gatewaySecretsDir" . }}
 {{- if .Values.gateway.tls.enabled }}
 - --tls-cert={{ $dir }}/tls/tls.crt
@@ -206,6 +240,11 @@ mixserve/worker-group: {{ .group.name }}
 {{- range .Values.serve.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* A number as a flag value: whole numbers without Go's exponent form (1000000, not 1e+06). */}}
+{{- define "mixserve.number" -}}
+{{- if eq (float64 .) (float64 (int64 .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 
 {{/* The serve command as one shell-quoted string (for `exec` at the end of a startup script). */}}
