@@ -10,6 +10,7 @@ its own (`TorchThread`), whichever Ray thread calls the method. info() and stats
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from cluster.scheduler import SchedulerConfig
 from cluster.settings import EngineSettings
 from cluster.torch_thread import TorchThread
 from cluster.update_channel import ChannelAddress
-from workers.comm import ProcessGroupHandle, create_group, free_port
+from workers.comm import CollectiveError, ProcessGroupHandle, create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
 from workers.model.weights import DenseWeights, ExpertShard, load_dense_weights, load_expert_shard
@@ -76,10 +77,12 @@ def _rank_info(threads: int, tensor_names: list[str]) -> RankInfo:
 
 
 class ExpertWorker:
-    def __init__(self, worker_index: int, expert_ids: tuple[int, ...], settings: RankSettings, cpu: RankCpu) -> None:
+    def __init__(self, slot: int, expert_ids: tuple[int, ...], settings: RankSettings, cpu: RankCpu) -> None:
+        """slot: the worker's place in the full placement (and its name); its index in the group it joins is
+        the same unless the group left a dead worker out (join_group)."""
         self.threads = cpu.apply()
-        self.name = f"expert worker {worker_index} (experts {','.join(map(str, expert_ids))})"
-        self.worker_index = worker_index
+        self.name = f"expert worker {slot} (experts {','.join(map(str, expert_ids))})"
+        self.worker_index = slot
         self.expert_ids = expert_ids
         self.settings = settings
         self.shard: ExpertShard | None = None
@@ -94,6 +97,7 @@ class ExpertWorker:
     def _load(self) -> None:
         self.cfg = ModelConfig.from_model_dir(self.settings.model_dir)
         self.shard = self._read_shard(self.expert_ids)
+        gc.freeze()  # what loading made lives on: later collections (_leave_group) skip it
 
     def _read_shard(self, expert_ids: tuple[int, ...]) -> ExpertShard:
         try:
@@ -119,12 +123,14 @@ class ExpertWorker:
         """The placement epoch the rank loop runs at (0 until a move switched in this group)."""
         return self.rank.placement_epoch if self.rank is not None else 0
 
-    def join_group(self, init_method: str, parallel: ParallelConfig) -> None:
-        self.torch_thread.call(self._join_group, init_method, parallel)
+    def join_group(self, init_method: str, parallel: ParallelConfig, worker_index: int) -> None:
+        """Joins the group as worker `worker_index` of `parallel` (rank num_coordinators + worker_index)."""
+        self.torch_thread.call(self._join_group, init_method, parallel, worker_index)
 
-    def _join_group(self, init_method: str, parallel: ParallelConfig) -> None:
+    def _join_group(self, init_method: str, parallel: ParallelConfig, worker_index: int) -> None:
         shard = self.rank.shard if self.rank is not None else self.shard  # a move may have switched it
         assert shard is not None and self.cfg is not None, f"{self.name}: load() before join_group()"
+        self.worker_index = worker_index
         expert_ids = parallel.experts_of_worker(self.worker_index)
         if shard.expert_ids != expert_ids:  # the group was re-formed in the middle of a move
             shard = self._read_shard(expert_ids)
@@ -152,19 +158,38 @@ class ExpertWorker:
 
     def _run(self) -> int:
         assert self.rank is not None
+        failure = None
         try:
             self.rank.run()
-            return self.rank.steps
-        finally:
-            if self.group is not None:
-                self.group.destroy()
+        except Exception as exc:  # a peer died or timed out: leave at once (below), then say so
+            failure = f"{self.name}: {type(exc).__name__}: {exc}"  # text only: the traceback holds the rank
+        steps = self.rank.steps
+        self._leave_group()
+        if failure is not None:
+            raise CollectiveError(failure)
+        return steps
+
+    def _leave_group(self) -> None:
+        """Tears the group down and drops every reference to it (the rank, keeping its shard), so its sockets
+        close now: gloo closes them only when the process group is freed, and a peer waiting on this rank in
+        a ring collective (the header all_gather) would otherwise fail only at the collective timeout."""
+        if self.rank is not None:
+            self.shard, self.rank = self.rank.shard, None
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
+        gc.collect()
 
     def info(self) -> RankInfo:
         shard = self.rank.shard if self.rank is not None else self.shard  # the rank's: the one a move switched
         return _rank_info(self.threads, list(shard.tensor_names) if shard else [])
 
     def stats(self) -> dict:
-        assert self.rank is not None
+        """Since this worker joined its group (zeros between groups)."""
+        if self.rank is None:
+            assert self.cfg is not None, f"{self.name}: load() before stats()"
+            return {"steps": 0, "seconds": {}, "placement_epoch": 0,
+                    "rows_per_expert": [[0] * self.cfg.num_local_experts for _ in range(self.cfg.num_hidden_layers)]}
         return {"steps": self.rank.steps, "seconds": dict(self.rank.timings.seconds),
                 "rows_per_expert": self.rank.rows_per_expert.tolist(), "placement_epoch": self.rank.placement_epoch}
 
@@ -218,6 +243,7 @@ class Coordinator:
                 )
         except Exception as exc:
             raise WorkerStartError(f"{self.name} failed to load its weights: {exc}") from exc
+        gc.freeze()  # what loading made lives on: later collections (halt) skip it
 
     def start(
         self, init_method: str | None, engine: EngineSettings, peers: list | None = None,
@@ -323,6 +349,10 @@ class Coordinator:
                 raise WorkerUnavailable(f"{self.name}: the engine loop is stuck in a collective")
             self.loop.close_publisher()
         self.torch_thread.call(self._leave_group)
+        # drop the engine (which holds the group) so the group's sockets close now (ExpertWorker._leave_group);
+        # until start() builds the next, calls find no loop (WorkerUnavailable: still starting)
+        self.loop = self.experts = None
+        self.torch_thread.call(gc.collect)
 
     def _destroy_group(self) -> None:
         if self.group is not None:

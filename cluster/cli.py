@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--replay-timeout", type=float, default=60.0,
                      help="seconds a request in flight waits, after an engine failure, to be replayed on the "
                           "recovered engine before it fails with UNAVAILABLE")
+    srv.add_argument("--rejoin-delay", type=float, default=0.0,
+                     help="after a failover onto surviving expert copies (--redundant-experts): seconds between the "
+                          "dead worker's replacement being loaded and its rejoin, a short pause that replays the "
+                          "streams in flight")
     srv.add_argument("--reserved-cpus", type=int, default=None,
                      help="logical CPUs the ranks on this host leave to the gateway: they run that many fewer torch "
                           "threads (at least 1); None: 1 for models of under 50M active parameters per token, "
@@ -277,7 +281,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                api_keys_file=args.api_keys_file, max_message_bytes=args.max_message_bytes)
     options = GatewayOptions(host=args.host, port=args.port, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port, grace_s=args.grace,
-                             replay_timeout_s=args.replay_timeout, security=security,
+                             replay_timeout_s=args.replay_timeout, rejoin_delay_s=args.rejoin_delay, security=security,
                              health_port=args.health_port, chat_template=args.chat_template,
                              http_port=None if args.no_http else args.http_port,
                              limits=RequestLimits(max_new_tokens=args.max_new_tokens_limit,

@@ -87,13 +87,17 @@ class ClusterOptions:
 
 @dataclass(frozen=True)
 class RestartReport:
-    """What a restart replaced and how long each part took."""
+    """What a restart (or a rejoin) replaced and how long each part took."""
 
     replaced: tuple[str, ...]  # rank names: "coordinator" (or "coordinator 1", ...), "expert worker 0", ...
     full: bool  # every rank and the placement group were replaced
     halt_s: float  # survivors stop their loops and leave the old group; the dead are found
     replace_s: float  # the dead are killed, their replacements started and loaded
     join_s: float  # every rank joins the new group; the engine loop starts
+    # expert workers the new group runs without, their experts served by the copies on the others (a failover
+    # onto surviving copies: nothing loads before serving resumes); prepare_standby() and rejoin() bring them back
+    left_out: tuple[str, ...] = ()
+    rejoined: tuple[str, ...] = ()  # standby replacements (loaded beside serving) that joined this group
 
     @property
     def seconds(self) -> float:
@@ -115,6 +119,10 @@ class MoveReport:
         return self.stage_s + self.switch_s
 
 
+def _names(rank_name, ranks: list[int]) -> str:
+    return ", ".join(map(rank_name, ranks))
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -132,8 +140,10 @@ class RayExpertParallelEngine:
         self.num_coordinators = options.num_coordinators
         self.pg = None
         self.coordinators: list = []  # by index (= rank); empty while (re)starting
-        self.workers: list = []
-        self.worker_runs: list = []
+        self.workers: list = []  # by slot (the worker's index in self.placement); None: left out of the group
+        self.in_group: tuple[int, ...] = ()  # slots in the group, in group order (all unless a failover left some out)
+        self.standby: dict[int, ray.actor.ActorHandle] = {}  # loaded replacements of left-out slots, not yet joined
+        self.worker_runs: dict[int, ray.ObjectRef] = {}  # by slot: each joined worker's rank loop
         self._rank_settings: RankSettings | None = None
         self._cpus: list[RankCpu] = []
         self.rendezvous: str | None = None
@@ -181,6 +191,8 @@ class RayExpertParallelEngine:
         self._rank_settings, self._cpus = rank_settings, cpus
         self.coordinators = [self._new_rank(c) for c in range(self.num_coordinators)]
         self.workers = [self._new_rank(self.num_coordinators + w) for w in range(self.options.num_workers)]
+        self.in_group = tuple(range(self.options.num_workers))
+        self.parallel = self.placement if self.options.num_workers else None
 
     def _new_rank(self, rank: int) -> ray.actor.ActorHandle:
         """The actor of `rank` (0..M-1: coordinators) in its own bundle of the placement group."""
@@ -207,10 +219,13 @@ class RayExpertParallelEngine:
         rank that failed."""
         actors = [*self.coordinators, *self.workers]
         ranks = list(range(len(actors))) if ranks is None else ranks
-        names = [self.rank_name(r) for r in ranks]
-        refs = [actors[r].load.remote() for r in ranks]
+        self._await_loads({self.rank_name(r): actors[r] for r in ranks})
+
+    def _await_loads(self, actors: dict[str, ray.actor.ActorHandle]) -> None:
+        """Loads the weights of `actors` (by rank name) at once; raises WorkerStartError naming each that failed."""
+        refs = {name: actor.load.remote() for name, actor in actors.items()}
         errors = []
-        for name, ref in zip(names, refs, strict=True):
+        for name, ref in refs.items():
             try:
                 ray.get(ref, timeout=self.options.start_timeout_s)
             except ray.exceptions.RayTaskError as exc:
@@ -228,28 +243,48 @@ class RayExpertParallelEngine:
                                self.parallel)
                 for c in self.coordinators]
         if self.parallel is not None:
-            refs += [
-                w.join_group.remote(self.rendezvous, self.parallel)
-                for w in self.workers
-            ]
+            refs += [self.workers[slot].join_group.remote(self.rendezvous, self.parallel, index)
+                     for index, slot in enumerate(self.in_group)]
         try:
             ray.get(refs, timeout=self.options.start_timeout_s)
         except ray.exceptions.RayTaskError as exc:
             raise WorkerStartError(str(exc.cause) if exc.cause else str(exc)) from exc
-        self.worker_runs = [w.run.remote() for w in self.workers]
+        self.worker_runs = {slot: self.workers[slot].run.remote() for slot in self.in_group}
+
+    def _group_workers(self) -> list[ray.actor.ActorHandle]:
+        """The expert workers in the group, in group order."""
+        return [self.workers[slot] for slot in self.in_group]
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the group runs without some expert workers (a failover onto surviving copies)."""
+        return len(self.in_group) < self.options.num_workers
 
     def restart(self) -> RestartReport:
-        """Replaces the ranks that died and re-forms the process group with the survivors, which keep their
-        weights (a dead expert worker costs one worker's load, not the model's). When the placement group
-        itself lost a node, every actor and the group are replaced. Requests in flight are lost with the old
-        group (the coordinator's KV cache is rebuilt): the gateway replays them (cluster.gateway.engine_client)."""
+        """Re-forms the process group after a failure; the survivors keep their weights. When every expert
+        still has a copy on a surviving worker, the dead expert workers are left out and the group re-forms at
+        once without them (nothing loads: a failover onto surviving copies; prepare_standby() and rejoin()
+        bring them back); otherwise the dead ranks are replaced in their bundles (a dead expert worker costs
+        one worker's load, not the model's). When the placement group itself lost a node, every actor and the
+        group are replaced. Requests in flight are lost with the old group (the coordinator's KV cache is
+        rebuilt): the gateway replays them (cluster.gateway.engine_client)."""
         with self._lifecycle:
             try:
-                return self._restart()
+                return self._restart(rejoin=False)
             finally:
                 self.generation += 1  # whatever a call begun before now saw fail was the old group's
 
-    def _restart(self) -> RestartReport:
+    def rejoin(self) -> RestartReport:
+        """After a failover onto surviving copies: re-forms the group with every expert worker again, the
+        standby replacements (prepare_standby) joining it (a left-out slot with none is started and loaded
+        now). Requests in flight are lost with the old group and replayed, as in restart()."""
+        with self._lifecycle:
+            try:
+                return self._restart(rejoin=True)
+            finally:
+                self.generation += 1
+
+    def _restart(self, *, rejoin: bool) -> RestartReport:
         started = time.monotonic()
         self.restarts += 1
         for receiver in self.updates:
@@ -262,16 +297,58 @@ class RayExpertParallelEngine:
             return RestartReport(names, full=True, halt_s=0.0, replace_s=time.monotonic() - started, join_s=0.0)
         dead = self._halt_ranks()
         halted = time.monotonic()
-        log.warning("restart %d: replacing %s", self.restarts, ", ".join(map(self.rank_name, dead)) or "no rank")
+        m = self.num_coordinators
+        survivors = [s for s in self.in_group if m + s not in dead]
+        absent = [s for s in range(self.options.num_workers) if s not in survivors]  # dead or left out before
+        fill = rejoin or not self.placement.covered_by(survivors)  # else: the survivors' copies serve every expert
+        rejoined = [s for s in absent if s in self.standby] if fill else []
+        replaced = [r for r in dead if r < m] + ([m + s for s in absent if s not in self.standby] if fill else [])
+        left_out = [] if fill else absent
+        log.warning("restart %d: replacing %s%s%s", self.restarts, _names(self.rank_name, replaced) or "no rank",
+                    f"; leaving out {_names(self.rank_name, [m + s for s in left_out])}" if left_out else "",
+                    f"; rejoining {_names(self.rank_name, [m + s for s in rejoined])}" if rejoined else "")
         try:
-            self._replace(dead)
-            replaced = time.monotonic()
+            for rank in dead:
+                self._kill_rank(rank)
+            for slot in rejoined:
+                self.workers[slot] = self.standby.pop(slot)
+            self._replace(replaced)
+            self.in_group = tuple(range(self.options.num_workers)) if fill else tuple(survivors)
+            if self.parallel is not None:
+                self.parallel = self.placement if fill else self.placement.on_workers(self.in_group)
+            loaded = time.monotonic()
             self._join_all()
         except BaseException:
             self.shutdown(graceful=False)
             raise
-        return RestartReport(tuple(map(self.rank_name, dead)), full=False, halt_s=halted - started,
-                             replace_s=replaced - halted, join_s=time.monotonic() - replaced)
+        return RestartReport(tuple(map(self.rank_name, replaced)), full=False, halt_s=halted - started,
+                             replace_s=loaded - halted, join_s=time.monotonic() - loaded,
+                             left_out=tuple(self.rank_name(m + s) for s in left_out),
+                             rejoined=tuple(self.rank_name(m + s) for s in rejoined))
+
+    def prepare_standby(self) -> tuple[str, ...]:
+        """After a failover onto surviving copies: starts and loads a replacement for each expert worker left
+        out of the group, in its bundle, beside serving (the group keeps stepping); returns their names. rejoin()
+        then brings them in. Raises WorkerStartError naming a replacement that failed (it is killed)."""
+        m = self.num_coordinators
+        with self._lifecycle:
+            if self.pg is None:
+                raise WorkerUnavailable("the engine is not running")
+            fresh = {s: self._new_rank(m + s) for s in range(self.options.num_workers)
+                     if s not in self.in_group and s not in self.standby}
+        try:
+            self._await_loads({self.rank_name(m + s): actor for s, actor in fresh.items()})
+        except BaseException:
+            for actor in fresh.values():
+                ray.kill(actor, no_restart=True)
+            raise
+        with self._lifecycle:
+            for slot, actor in fresh.items():
+                if slot in self.in_group or slot in self.standby or self.pg is None:  # a restart filled it meanwhile
+                    ray.kill(actor, no_restart=True)
+                else:
+                    self.standby[slot] = actor
+            return tuple(self.rank_name(m + s) for s in sorted(self.standby))
 
     def move_replicas(self, parallel: ParallelConfig) -> MoveReport:
         """Moves expert copies to `parallel` (same coordinators and workers) while serving: every worker whose
@@ -284,6 +361,10 @@ class RayExpertParallelEngine:
             current = self.placement
             if self.parallel is None or not self.workers:
                 raise MoveFailed("there are no expert workers: every expert is in the coordinator")
+            if self.degraded:
+                left_out = sorted(set(range(self.options.num_workers)) - set(self.in_group))
+                raise MoveFailed(f"expert workers {left_out} are out of the group (a failover onto their copies); "
+                                 "moves wait until they rejoin")
             if (parallel.num_coordinators, parallel.num_workers) != (current.num_coordinators, current.num_workers):
                 raise MoveFailed(f"a move keeps the ranks: {current.num_coordinators} coordinators x "
                                  f"{current.num_workers} workers, not {parallel.num_coordinators} x "
@@ -291,7 +372,7 @@ class RayExpertParallelEngine:
             epoch = self.placement_epoch + 1
             started = time.monotonic()
             try:
-                read_s = ray.get([w.stage_experts.remote(epoch, parallel) for w in self.workers],
+                read_s = ray.get([w.stage_experts.remote(epoch, parallel) for w in self._group_workers()],
                                  timeout=self.options.start_timeout_s)
                 staged = time.monotonic()
                 ray.get([c.stage_placement.remote(epoch, parallel) for c in self.coordinators],
@@ -309,7 +390,8 @@ class RayExpertParallelEngine:
         """Waits until every expert worker runs at placement `epoch`."""
         deadline = time.monotonic() + self.options.collective_timeout_s
         while True:
-            epochs = ray.get([w.placement_epoch.remote() for w in self.workers], timeout=self.options.start_timeout_s)
+            epochs = ray.get([w.placement_epoch.remote() for w in self._group_workers()],
+                             timeout=self.options.start_timeout_s)
             if all(e == epoch for e in epochs):
                 return
             if time.monotonic() > deadline:
@@ -332,10 +414,11 @@ class RayExpertParallelEngine:
             except (ray.exceptions.RayError, WorkerUnavailable) as exc:
                 log.warning("%s must be replaced: %s", self.rank_name(rank), _first_line(exc))
                 dead.append(rank)
-        if self.worker_runs:  # a worker's loop ends once its peers leave the group (or die)
-            ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
-        for w, run in enumerate(self.worker_runs):
-            rank = self.num_coordinators + w
+        runs = list(self.worker_runs.values())
+        if runs:  # a worker's loop ends once its peers leave the group (or die)
+            ray.wait(runs, num_returns=len(runs), timeout=timeout_s)
+        for slot, run in self.worker_runs.items():
+            rank = self.num_coordinators + slot
             if not ray.wait([run], timeout=0)[0]:
                 log.warning("%s is stuck in a collective; replacing it", self.rank_name(rank))
                 dead.append(rank)
@@ -348,12 +431,20 @@ class RayExpertParallelEngine:
                 pass
         return dead
 
+    def _kill_rank(self, rank: int) -> None:
+        """Kills rank `rank`'s actor (an expert worker's slot is then empty until replaced)."""
+        m = self.num_coordinators
+        old = self.coordinators[rank] if rank < m else self.workers[rank - m]
+        if old is not None:
+            ray.kill(old, no_restart=True)
+        if rank >= m:
+            self.workers[rank - m] = None
+
     def _replace(self, ranks: list[int]) -> None:
         """Kills `ranks` and starts their replacements in the same bundles, loading their weights."""
         m = self.num_coordinators
         for rank in ranks:
-            old = self.coordinators[rank] if rank < m else self.workers[rank - m]
-            ray.kill(old, no_restart=True)
+            self._kill_rank(rank)
             if rank < m:
                 self.coordinators[rank] = self._new_rank(rank)
             else:
@@ -367,16 +458,19 @@ class RayExpertParallelEngine:
         if self.coordinators and graceful:
             try:  # every coordinator at once: the workers stop when all of them have
                 ray.get([c.stop.remote() for c in self.coordinators], timeout=timeout_s)
-                ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=timeout_s)
+                runs = list(self.worker_runs.values())
+                ray.wait(runs, num_returns=len(runs), timeout=timeout_s)
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 log.warning("clean stop failed (%s); killing the actors", exc)
-        for actor in [*self.coordinators, *self.workers]:
-            ray.kill(actor, no_restart=True)
+        for actor in [*self.coordinators, *self.workers, *self.standby.values()]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
         for receiver in self.updates:
             receiver.close()
         if self.pg is not None:
             remove_placement_group(self.pg)
-        self.coordinators, self.workers, self.worker_runs, self.pg = [], [], [], None
+        self.coordinators, self.workers, self.worker_runs, self.pg = [], [], {}, None
+        self.in_group, self.standby = (), {}
 
     def __enter__(self) -> RayExpertParallelEngine:
         self.start()
@@ -407,17 +501,24 @@ class RayExpertParallelEngine:
 
     # health ------------------------------------------------------------------------------------
     def workers_up(self) -> list[bool]:
-        """Per expert worker: still serving (its loop has not returned or died)."""
-        if not self.worker_runs:
+        """Per expert worker slot: in the group and still serving (its loop has not returned or died)."""
+        runs = dict(self.worker_runs)
+        if not runs:
             return [False] * self.options.num_workers
-        done, _ = ray.wait(self.worker_runs, num_returns=len(self.worker_runs), timeout=0)
+        done, _ = ray.wait(list(runs.values()), num_returns=len(runs), timeout=0)
         finished = {ref.hex() for ref in done}
-        return [ref.hex() not in finished for ref in self.worker_runs]
+        return [slot in runs and runs[slot].hex() not in finished for slot in range(self.options.num_workers)]
 
     def worker_readings(self, timeout_s: float = 5.0) -> list[dict]:
-        """Per expert worker, since it started: "seconds" in each phase (dispatch, experts, combine),
-        "rows_per_expert" [layer][expert] its copies ran and "placement_epoch" (ExpertWorker.stats)."""
-        return ray.get([w.stats.remote() for w in self.workers], timeout=timeout_s)
+        """Per expert worker slot, since it joined: "seconds" in each phase (dispatch, experts, combine),
+        "rows_per_expert" [layer][expert] its copies ran and "placement_epoch" (ExpertWorker.stats); a slot
+        left out of the group reads zero."""
+        in_group = self.in_group
+        readings = dict(zip(in_group, ray.get([self.workers[s].stats.remote() for s in in_group], timeout=timeout_s),
+                            strict=True))
+        idle = {"steps": 0, "seconds": {}, "placement_epoch": self.placement_epoch,
+                "rows_per_expert": [[0] * self.cfg.num_local_experts for _ in range(self.cfg.num_hidden_layers)]}
+        return [readings.get(slot, idle) for slot in range(self.options.num_workers)]
 
     def coordinators_up(self) -> list[bool]:
         """Per coordinator: its actor answers and its engine loop has not failed."""
@@ -433,7 +534,9 @@ class RayExpertParallelEngine:
         return up
 
     def healthy(self) -> bool:
-        return all(self.coordinators_up()) and all(self.workers_up())
+        """Every coordinator and every expert worker in the group serves (a left-out worker is not missed)."""
+        in_group = set(self.in_group)
+        return all(self.coordinators_up()) and all(up for s, up in enumerate(self.workers_up()) if s in in_group)
 
     def generate(self, requests: list[GenerationRequest], timeout_s: float = 600.0) -> list[GenerationResult]:
         """Runs the requests together, spread over the coordinators in turn; raises WorkerUnavailable if a
@@ -474,4 +577,5 @@ class RayExpertParallelEngine:
         cluster.rank_introspection)."""
         self.live_coordinator()
         names = [self.rank_name(c) for c in range(self.num_coordinators)]
-        return dict(zip(names, self.coordinators, strict=True)) | {f"worker {w}": a for w, a in enumerate(self.workers)}
+        workers = {f"worker {s}": self.workers[s] for s in self.in_group}
+        return dict(zip(names, self.coordinators, strict=True)) | workers

@@ -8,7 +8,8 @@ about processes or devices beyond plain values.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,25 @@ class ParallelConfig:
     def local_index_of_expert(self) -> tuple[int, ...]:
         """The local index of each expert's first copy."""
         return tuple(indices[0] for indices in self.replica_local_indices)
+
+    def covered_by(self, workers: Iterable[int]) -> bool:
+        """Whether `workers` together hold at least one copy of every expert."""
+        kept = set(workers)
+        return all(kept.intersection(ws) for ws in self.workers_of_expert)
+
+    def on_workers(self, workers: Sequence[int]) -> ParallelConfig:
+        """The copies that `workers` hold, on a group of just them: worker workers[i] becomes worker i, each
+        expert's first copy is its first copy left in replica order. A failover onto surviving copies uses it:
+        the survivors keep exactly the experts they hold. Raises ConfigError naming the experts left with no copy."""
+        index = {w: i for i, w in enumerate(workers)}
+        if len(index) != len(workers) or not all(0 <= w < self.num_workers for w in index):
+            raise ConfigError(f"workers {list(workers)} are not distinct workers of 0..{self.num_workers - 1}")
+        kept = [[index[w] for w in ws if w in index] for ws in self.workers_of_expert]
+        lost = [e for e, ws in enumerate(kept) if not ws]
+        if lost:
+            raise ConfigError(f"experts {lost} have no copy on workers {list(workers)}")
+        return replace(self, worker_of_expert=tuple(ws[0] for ws in kept),
+                       redundant_copies=tuple((e, w) for e, ws in enumerate(kept) for w in ws[1:]))
 
     @property
     def max_local_experts(self) -> int:

@@ -64,7 +64,8 @@ class RequestStream:
 class RecoveryTimeline:
     """One recovery, in time.monotonic() seconds: for the log, the metrics and `mixserve bench failover`."""
 
-    failed_at: float  # the failure was detected (health went NOT_SERVING)
+    failed_at: float  # the failure was detected (health went NOT_SERVING); planned: the rejoin began
+    planned: bool = False  # a rejoin of standby replacements after a failover onto copies, not a failure
     attempts: int = 0  # restarts tried
     restart: RestartReport | None = None  # the restart that worked
     restarted_at: float | None = None
@@ -80,7 +81,12 @@ class RecoveryTimeline:
         r = self.restart
         parts = "" if r is None else (f" (halt {r.halt_s:.2f}s, replace {', '.join(r.replaced) or 'none'} "
                                       f"{r.replace_s:.2f}s, re-form {r.join_s:.2f}s)")
-        return (f"after the failure: restarted {since(self.restarted_at)}{parts}, {self.replayed} requests replayed "
+        if r is not None and r.left_out:
+            parts += f", left out {', '.join(r.left_out)}: their experts' copies serve"
+        if r is not None and r.rejoined:
+            parts += f", rejoined {', '.join(r.rejoined)}"
+        what = "after the rejoin began" if self.planned else "after the failure"
+        return (f"{what}: restarted {since(self.restarted_at)}{parts}, {self.replayed} requests replayed "
                 f"{since(self.replayed_at)}, SERVING {since(self.serving_at)}, first replayed token "
                 f"{since(self.first_token_at)}; {self.attempts} restart attempts")
 
@@ -88,12 +94,13 @@ class RecoveryTimeline:
 class EngineClient:
     def __init__(
         self, engine: RayExpertParallelEngine, metrics: GatewayMetrics, *, poll_timeout_s: float = 0.5,
-        auto_recover: bool = True, replay_timeout_s: float = 60.0,
+        auto_recover: bool = True, replay_timeout_s: float = 60.0, rejoin_delay_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.poll_timeout_s = poll_timeout_s
         self.replay_timeout_s = replay_timeout_s
+        self.rejoin_delay_s = rejoin_delay_s
         self.streams: dict[str, RequestStream] = {}  # by engine request id
         self.client_ids: set[str] = set()
         self.healthy = False
@@ -102,6 +109,7 @@ class EngineClient:
         self.auto_recover = auto_recover
         self._tasks: list[asyncio.Task] = []
         self._recovery: asyncio.Task | None = None
+        self._restore: asyncio.Task | None = None  # loads left-out workers' replacements, then rejoins them
         self._restarting = False  # the engine is being restarted: its calls fail, and that is no news
         self._failed_at: float | None = None  # when the failure being recovered from was detected
         self._probes: list[RequestStream] = []  # one per coordinator while a recovery probes the new group
@@ -120,7 +128,7 @@ class EngineClient:
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
 
     async def stop(self) -> None:
-        tasks = self._tasks + ([self._recovery] if self._recovery else [])
+        tasks = self._tasks + [t for t in (self._recovery, self._restore) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -247,8 +255,10 @@ class EngineClient:
         if self.auto_recover:
             self._recovery = asyncio.create_task(self._recover(), name="recovery")
 
-    async def _recover(self) -> None:
-        """Restart what died, replay every stream, probe the new group; retried until it works."""
+    async def _recover(self, *, planned: bool = False) -> None:
+        """Restart what died (planned: rejoin the standby replacements), replay every stream, probe the new
+        group; retried until it works. A failover onto surviving copies then restores the left-out workers
+        in the background (_restore_workers)."""
         assert self._failed_at is not None
         timeline = self.recoveries[-1]
         while True:
@@ -257,7 +267,8 @@ class EngineClient:
             try:
                 self._restarting = True
                 try:
-                    timeline.restart = await asyncio.to_thread(self.engine.restart)
+                    action = self.engine.rejoin if planned else self.engine.restart
+                    timeline.restart = await asyncio.to_thread(action)
                 finally:
                     self._restarting = False
                 timeline.restarted_at = time.monotonic()
@@ -280,12 +291,50 @@ class EngineClient:
                 self._expire_replays()
                 await asyncio.sleep(1.0)
         timeline.serving_at = time.monotonic()
-        self.metrics.worker_recoveries.inc()
-        self.metrics.recovery_seconds.observe(timeline.serving_at - timeline.failed_at)
-        log.warning("recovered: %s", timeline.describe())
+        if timeline.restart is not None and timeline.restart.left_out:
+            self.metrics.copy_failovers.inc()
+        if planned:
+            self.metrics.worker_rejoins.inc()
+            log.warning("rejoined: %s", timeline.describe())
+        else:
+            self.metrics.worker_recoveries.inc()
+            self.metrics.recovery_seconds.observe(timeline.serving_at - timeline.failed_at)
+            log.warning("recovered: %s", timeline.describe())
         # the gauges say the new ranks are up before health says SERVING (not a poll later)
         await self._update_rank_gauges()
         await self._set_healthy(True)
+        if self.engine.degraded and (self._restore is None or self._restore.done()):
+            self._restore = asyncio.create_task(self._restore_workers(), name="restore workers")
+
+    async def _restore_workers(self) -> None:
+        """After a failover onto surviving copies: loads the left-out workers' replacements in their bundles
+        beside serving (retried every 5 s while that fails), then re-forms the group with them. The re-form is
+        a planned pause: sends are held, the streams in flight are replayed from what they received (as after
+        a failure), health stays SERVING and no stream fails."""
+        while self.engine.degraded:
+            try:
+                standby = await asyncio.to_thread(self.engine.prepare_standby)
+            except Exception as exc:
+                log.error("loading a replacement failed (%s: %s); the group runs on the copies, retrying in 5 s",
+                          type(exc).__name__, exc)
+                await asyncio.sleep(5.0)
+                continue
+            await asyncio.sleep(self.rejoin_delay_s)
+            while self.recovering:  # a failure meanwhile: its restart may fill the slots itself
+                await asyncio.sleep(0.1)
+            if not self.engine.degraded:
+                return
+            log.warning("%s loaded beside serving; re-forming the group with them", ", ".join(standby))
+            self._sends_open.clear()  # the rejoin sees each stream once: none is in flight to the old group
+            await self._no_sends.wait()
+            if self.recovering:  # a failure while the sends drained: its recovery owns them now
+                continue
+            for stream in self.streams.values():
+                stream.live = False
+            self._failed_at = time.monotonic()
+            self.recoveries = [*self.recoveries[-15:], RecoveryTimeline(self._failed_at, planned=True)]
+            self._recovery = asyncio.create_task(self._recover(planned=True), name="rejoin")
+            await asyncio.shield(self._recovery)
 
     async def _replay(self) -> int:
         """Resubmits every stream whose attempt was lost, continuing from the tokens it received; returns how
@@ -368,11 +417,14 @@ class EngineClient:
         coordinators = await asyncio.to_thread(self.engine.coordinators_up)
         workers = await asyncio.to_thread(self.engine.workers_up)
         self.metrics.set_ranks_up(coordinators=coordinators, workers=workers)
+        left_out = self.engine.options.num_workers - len(self.engine.in_group)
+        self.metrics.workers_left_out.set(left_out)
         with contextlib.suppress(ray.exceptions.RayError, WorkerUnavailable):
             readings = await asyncio.to_thread(self.engine.worker_readings)
             self.metrics.set_worker_phase_seconds([dict(r["seconds"]) for r in readings])
             self.metrics.set_worker_rows([r["rows_per_expert"] for r in readings])
-        return all(coordinators) and all(workers)
+        in_group = set(self.engine.in_group)  # a left-out worker is down, and the group healthy without it
+        return all(coordinators) and all(up for slot, up in enumerate(workers) if slot in in_group)
 
     async def _set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:

@@ -91,6 +91,14 @@ class GatewayMetrics:
         self.worker_failures = Counter("mixserve_worker_failures", "Expert worker failures detected", registry=r)
         self.worker_recoveries = Counter("mixserve_worker_recoveries", "Recoveries after a worker failure",
                                          registry=r)
+        self.copy_failovers = Counter("mixserve_copy_failovers", "Failures served on at once by the surviving "
+                                      "copies of the dead workers' experts (the group re-formed without them, "
+                                      "nothing loaded first)", registry=r)
+        self.worker_rejoins = Counter("mixserve_worker_rejoins", "Replacements of left-out workers that joined the "
+                                      "group after loading beside serving (a planned pause; streams replayed)",
+                                      registry=r)
+        self.workers_left_out = Gauge("mixserve_expert_workers_left_out", "Expert workers the group runs without, "
+                                      "their experts served by copies on the others", registry=r)
         self.request_replays = Counter("mixserve_request_replays", "In-flight requests resubmitted to a recovered "
                                        "engine, continuing from the tokens already streamed", registry=r)
         self.recovery_seconds = Histogram("mixserve_recovery_seconds", "Time from a detected engine failure until "

@@ -48,6 +48,9 @@ class GatewayOptions:
     metrics_port: int = 9400
     grace_s: float = 30.0
     replay_timeout_s: float = 60.0  # how long a request in flight waits for its replay after an engine failure
+    # after a failover onto surviving copies: seconds between the replacement being loaded and its rejoin (a
+    # short pause that replays every stream in flight); a delay lets a burst pass first
+    rejoin_delay_s: float = 0.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     security: SecurityOptions = field(default_factory=SecurityOptions)
     # A plaintext port serving grpc.health.v1 only, for Kubernetes gRPC probes (they cannot speak TLS).
@@ -64,6 +67,8 @@ class GatewayOptions:
                 f"max_prompt_chars ({self.limits.max_prompt_chars}) exceeds max_message_bytes "
                 f"({self.security.max_message_bytes}): a prompt that long could never arrive"
             )
+        if self.rejoin_delay_s < 0:
+            raise ValueError(f"rejoin_delay_s must be >= 0, got {self.rejoin_delay_s}")
         if self.health_port and self.health_port in (self.port, self.metrics_port):
             raise ValueError(f"health_port ({self.health_port}) must differ from port and metrics_port")
         if self.http_port and self.http_port in (self.port, self.metrics_port, self.health_port):
@@ -78,7 +83,8 @@ class Gateway:
         self.metrics = GatewayMetrics(num_layers=cfg.num_hidden_layers, num_experts=cfg.num_local_experts,
                                       num_workers=engine.options.num_workers,
                                       num_coordinators=engine.num_coordinators)
-        self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s)
+        self.client = EngineClient(engine, self.metrics, replay_timeout_s=options.replay_timeout_s,
+                                   rejoin_delay_s=options.rejoin_delay_s)
         self.tokenizer = TextTokenizer.from_model_dir(
             engine.settings.model_dir, cfg.bos_token_id,
             eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None, chat_template_path=options.chat_template)

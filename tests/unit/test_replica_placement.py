@@ -121,3 +121,24 @@ def test_an_explicit_copy_adds_a_worker() -> None:
     assert _blocks(parallel) == [(0, 1), (0, 2, 3), (3,)]
     assert parallel.workers_of_expert == ((0, 1), (0,), (1,), (1, 2))
     assert parallel.replica_local_indices == ((0, 0), (1,), (1,), (2, 0))
+
+
+def test_on_workers_keeps_exactly_the_survivors_copies_renumbered():
+    full = ParallelConfig.contiguous(num_experts=8, num_workers=3, redundant_experts=8, num_coordinators=2)
+    group = full.on_workers((0, 2))
+    assert (group.num_workers, group.num_coordinators) == (2, 2)
+    assert [group.experts_of_worker(i) for i in range(2)] == [full.experts_of_worker(0), full.experts_of_worker(2)]
+    # each expert's first copy is its first survivor in replica order; the others follow in order
+    assert group.workers_of_expert == ((0,), (0,), (0,), (0, 1), (0, 1), (0, 1), (1,), (1,))
+    assert full.on_workers((0, 1, 2)) == full
+
+
+def test_on_workers_names_the_experts_left_with_no_copy():
+    full = ParallelConfig.contiguous(num_experts=8, num_workers=3, redundant_experts=4)  # [0..3], [4..7], [0..3]
+    assert full.covered_by([0, 1]) and full.covered_by([1, 2]) and not full.covered_by([0, 2])
+    with pytest.raises(ConfigError, match=r"experts \[4, 5, 6, 7\] have no copy on workers \[0, 2\]"):
+        full.on_workers((0, 2))
+    with pytest.raises(ConfigError, match="not distinct workers"):
+        full.on_workers((1, 1))
+    with pytest.raises(ConfigError, match="not distinct workers"):
+        full.on_workers((3,))
