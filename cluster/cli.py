@@ -60,7 +60,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redundant-experts", type=int, default=0,
                         help="extra physical expert copies (replicas) spread over the expert workers: copies of "
                              "experts 0, 1, ... in turn; each expert's rows are split between its copies, and "
-                             "--workers may exceed the experts; needs --workers")
+                             "--workers may exceed the experts; a dead worker whose experts all have copies "
+                             "elsewhere is left out at once and its replacement rejoins later; needs --workers")
     parser.add_argument("--routing-profile", type=Path, default=None,
                         help="place the expert copies for this routing profile (JSON rows per layer and expert, "
                              "written by `serve --save-routing-profile`): hot experts get the redundant copies and "

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--output-len", type=int, default=200, help="generated tokens per stream (exactly)")
     fail.add_argument("--kill", default="worker 1", help='the rank to SIGKILL: "worker N" or "coordinator"')
     fail.add_argument("--kill-after-tokens", type=int, default=8, help="every stream has this many tokens first")
+    fail.add_argument("--redundant-experts", type=int, default=0,
+                      help="`mixserve serve --redundant-experts`: when the victim's experts all have copies on the "
+                           "others, the group fails over to them and the replacement rejoins later (both timed)")
     fail.add_argument("--reserved-cpus", type=int, default=None,
                       help="logical CPUs the ranks leave to the gateway; default: what `mixserve serve` picks")
     bal = modes.add_parser("balance", formatter_class=defaults,
@@ -299,7 +302,8 @@ def _failover(args: argparse.Namespace) -> FailoverReport:
                         seed=args.seed)
     setup = _engine_setup(args, max_num_seqs=args.streams, input_len=args.input_len + args.output_len, here=False)
     return run_failover(FailoverOptions(setup=setup, workload=workload, workers=args.workers[0], victim=args.kill,
-                                        kill_after_tokens=args.kill_after_tokens, ray_address=args.ray_address))
+                                        kill_after_tokens=args.kill_after_tokens, ray_address=args.ray_address,
+                                        redundant_experts=args.redundant_experts))
 
 
 def _balance(args: argparse.Namespace) -> BalanceReport:

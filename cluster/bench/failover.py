@@ -3,7 +3,10 @@ loopback in this process, serves S greedy streams once uninterrupted (the refere
 serves them again and SIGKILLs one rank (`--kill`: "worker N" or "coordinator") once every stream has K
 tokens. Reports, from the kill: when the gateway detected the failure (health NOT_SERVING), the restart's
 parts (halt the survivors, replace the dead rank, re-form the group), the replay, the first token of a
-replayed stream and SERVING again; and how many streams ended with exactly the reference tokens.
+replayed stream and SERVING again; and how many streams ended with exactly the reference tokens. With
+`--redundant-experts`, a dead worker whose experts all have copies elsewhere is left out instead of
+replaced (nothing loads before serving resumes); the round then also waits for its replacement to load
+beside serving and rejoin, and reports that planned pause.
 
 The kill is a SIGKILL of the rank's process, so the ranks must run on this host (a local Ray).
 """
@@ -40,6 +43,7 @@ class FailoverOptions:
     victim: str = "worker 1"  # a rank name as rank_infos gives it
     kill_after_tokens: int = 8  # every stream has this many tokens when the kill comes
     ray_address: str | None = None
+    redundant_experts: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class FailoverRound:
     replayed: int
     exact: int  # streams whose tokens equal the uninterrupted run's
     failed: int  # streams that ended with an error
+    left_out: tuple[str, ...] = ()  # workers the group ran without (failover onto copies)
+    rejoin_pause_s: float = float("nan")  # the planned rejoin: begun to SERVING (nan: nothing was left out)
+    rejoin_replayed: int = 0  # streams in flight at the rejoin, replayed
+    rejoin_after_s: float = float("nan")  # from the kill until the rejoin began (the replacement's load)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class FailoverReport:
     workers: int
     settings: dict[str, str]
     rounds: tuple[FailoverRound, ...]
+    redundant_experts: int = 0
 
 
 class _Streams:
@@ -119,11 +128,20 @@ def _one_round(opts: FailoverOptions, gateway: BackgroundGateway, prompts, refer
     _wait(lambda: len(client.recoveries) > known and client.recoveries[-1].serving_at is not None,
           opts.setup.timeout_s, "the recovery")
     streams.join()
-    timeline = client.recoveries[-1]
+    timeline = client.recoveries[known]
     restart = timeline.restart
     assert restart is not None and timeline.restarted_at is not None and timeline.replayed_at is not None
     first = timeline.first_token_at
+    rejoin = None
+    if restart.left_out:
+        _wait(lambda: len(client.recoveries) > known + 1 and client.recoveries[known + 1].serving_at is not None,
+              opts.setup.timeout_s, "the rejoin")
+        rejoin = client.recoveries[known + 1]
     return FailoverRound(
+        left_out=restart.left_out,
+        rejoin_pause_s=rejoin.serving_at - rejoin.failed_at if rejoin else float("nan"),
+        rejoin_replayed=rejoin.replayed if rejoin else 0,
+        rejoin_after_s=rejoin.failed_at - killed if rejoin else float("nan"),
         victim=opts.victim, replaced=restart.replaced, detected_s=timeline.failed_at - killed,
         halt_s=restart.halt_s, replace_s=restart.replace_s, rejoin_s=restart.join_s,
         replayed_s=timeline.replayed_at - killed, first_token_s=(first - killed) if first else float("nan"),
@@ -138,8 +156,9 @@ def run_failover(opts: FailoverOptions) -> FailoverReport:
     torch.set_num_threads(opts.setup.threads_per_rank)
     prompts = make_prompts(opts.workload, cfg.vocab_size)
     rounds = []
-    with ray_session(opts.ray_address, opts.workers):
-        engine = start_ray_engine(cfg, opts.setup, opts.workload, opts.workers)
+    with ray_session(opts.ray_address, opts.workers + 1):  # the coordinator and the workers
+        engine = start_ray_engine(cfg, opts.setup, opts.workload, opts.workers,
+                                  redundant_experts=opts.redundant_experts)
         try:
             background = BackgroundGateway(engine)
             with background as server:
@@ -153,21 +172,31 @@ def run_failover(opts: FailoverOptions) -> FailoverReport:
             engine.shutdown()
     return FailoverReport(mode="failover", meta=machine.run_meta(start),
                           model=ModelSummary.of(opts.setup.model_dir, cfg), workload=opts.workload,
-                          workers=opts.workers, settings=opts.setup.summary(), rounds=tuple(rounds))
+                          workers=opts.workers, settings=opts.setup.summary(), rounds=tuple(rounds),
+                          redundant_experts=opts.redundant_experts)
 
 
 def format_failover(report: FailoverReport, *, markdown: bool = False) -> str:
     w = report.workload
-    head = (f"mixserve bench failover · {report.model.path} · {report.workers} expert workers · {w.num_prompts} greedy "
+    copies = f" (+{report.redundant_experts} expert copies)" if report.redundant_experts else ""
+    head = (f"mixserve bench failover · {report.model.path} · {report.workers} expert workers{copies} · "
+            f"{w.num_prompts} greedy "
             f"streams × {w.input_len} in / {w.output_len} out · {report.settings['dtype']} on "
             f"{report.settings['device']}\n{machine_line(report.meta)}")
-    rows = [[r.victim, ", ".join(r.replaced) or "-", fmt(r.detected_s), fmt(r.halt_s), fmt(r.replace_s),
-             fmt(r.rejoin_s), fmt(r.replayed_s), fmt(r.first_token_s), fmt(r.serving_s), str(r.replayed),
-             f"{r.exact}/{w.num_prompts}", str(r.failed)] for r in report.rounds]
-    headers = ["killed", "replaced", "detected s", "halt s", "replace s", "re-form s", "replayed s", "next token s",
-               "SERVING s", "replays", "exact streams", "failed"]
-    return join_tables([
+    rows = [[r.victim, ", ".join(r.replaced) or "-", ", ".join(r.left_out) or "-", fmt(r.detected_s),
+             fmt(r.halt_s), fmt(r.replace_s), fmt(r.rejoin_s), fmt(r.replayed_s), fmt(r.first_token_s),
+             fmt(r.serving_s), str(r.replayed), f"{r.exact}/{w.num_prompts}", str(r.failed)] for r in report.rounds]
+    headers = ["killed", "replaced", "left out", "detected s", "halt s", "replace s", "re-form s", "replayed s",
+               "next token s", "SERVING s", "replays", "exact streams", "failed"]
+    tables = [
         ("", head),
         ("seconds from the SIGKILL (detected, replayed, next token, SERVING); halt, replace and re-form are the "
-         "restart's own durations:", render(headers, rows, markdown=markdown, text_columns=2)),
-    ])
+         "restart's own durations:", render(headers, rows, markdown=markdown, text_columns=3)),
+    ]
+    rejoins = [[r.victim, ", ".join(r.left_out), fmt(r.rejoin_after_s), fmt(r.rejoin_pause_s), str(r.rejoin_replayed)]
+               for r in report.rounds if r.left_out]
+    if rejoins:
+        tables.append(("the left-out worker's replacement, loaded beside serving, rejoins (a planned pause, health "
+                       "SERVING):", render(["killed", "left out", "rejoin began s", "pause s", "replays"], rejoins,
+                                           markdown=markdown, text_columns=2)))
+    return join_tables(tables)

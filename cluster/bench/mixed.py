@@ -250,7 +250,7 @@ def run_mixed(opts: MixedOptions) -> MixedReport:
     sizing = Workload(num_prompts=opts.short.num_prompts + opts.long.num_prompts, input_len=longest,
                       output_len=max(opts.short.output_len, opts.long.output_len))
     workers = () if opts.target is not None else opts.workers
-    with ray_session(opts.ray_address, max(workers)) if workers else nullcontext():
+    with ray_session(opts.ray_address, max(workers) + 1) if workers else nullcontext():  # + the coordinator
         for _ in range(opts.setup.rounds):
             if opts.target is not None:
                 server = Server(label=EXTERNAL_LABEL, workers=None, target=opts.target, metrics_url=opts.metrics_url)

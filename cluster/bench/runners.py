@@ -160,10 +160,11 @@ def run_in_process(cfg: ModelConfig, setup: EngineSetup, workload: Workload, pro
 
 
 def start_ray_engine(cfg: ModelConfig, setup: EngineSetup, workload: Workload, workers: int,
-                     coordinators: int = 1) -> RayExpertParallelEngine:
+                     coordinators: int = 1, redundant_experts: int = 0) -> RayExpertParallelEngine:
     settings = engine_settings(cfg, setup, workload, workers)
     cpu = CpuPolicy(threads_per_rank=setup.threads_per_rank, reserved_cpus=setup.reserved_cpus)
-    options = ClusterOptions(num_workers=workers, num_coordinators=coordinators, cpu=cpu)
+    options = ClusterOptions(num_workers=workers, num_coordinators=coordinators, cpu=cpu,
+                             redundant_experts=redundant_experts)
     engine = RayExpertParallelEngine(settings, options, scheduler_config(setup))
     engine.start()
     return engine

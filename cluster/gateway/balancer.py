@@ -47,7 +47,8 @@ class BalancerSettings:
 class ExpertBalancer:
     def __init__(self, engine: RayExpertParallelEngine, metrics: GatewayMetrics, settings: BalancerSettings,
                  *, recovering: Callable[[], bool] = lambda: False) -> None:
-        """recovering(): whether the engine is being restarted now (no run then)."""
+        """recovering(): whether the engine is being restarted now (no run then, nor while a failover onto
+        surviving copies leaves a worker out: a move needs every worker)."""
         self.engine = engine
         self.metrics = metrics
         self.settings = settings
@@ -62,7 +63,7 @@ class ExpertBalancer:
             self.window.add(time.monotonic(), self.metrics.routed_rows_LE())
             if time.monotonic() >= next_run:
                 next_run = time.monotonic() + self.settings.interval_s
-                if not self.recovering():
+                if not (self.recovering() or self.engine.degraded):
                     await self.balance_once()
             await asyncio.sleep(SAMPLE_S)
 
