@@ -33,7 +33,7 @@ from cluster.update_channel import ChannelAddress
 from workers.comm import CollectiveError, ProcessGroupHandle, create_group, free_port
 from workers.config import ModelConfig, ParallelConfig
 from workers.model.checkpoint import CheckpointReader
-from workers.model.weights import DenseWeights, ExpertShard, load_dense_weights, load_expert_shard
+from workers.model.weights import DenseWeights, ExpertShard, load_dense_weights, load_expert_shard, reshard
 from workers.runtime.attention_rank import LocalExperts, MicroBatching
 from workers.runtime.distributed_experts import DistributedExperts
 from workers.runtime.expert_rank import ExpertRank
@@ -99,11 +99,15 @@ class ExpertWorker:
         self.shard = self._read_shard(self.expert_ids)
         gc.freeze()  # what loading made lives on: later collections (_leave_group) skip it
 
-    def _read_shard(self, expert_ids: tuple[int, ...]) -> ExpertShard:
+    def _read_shard(self, expert_ids: tuple[int, ...], held: ExpertShard | None = None) -> ExpertShard:
+        """The shard of expert_ids; from `held` (a move): only the experts it lacks are read."""
         try:
             cfg = self.cfg or ModelConfig.from_model_dir(self.settings.model_dir)
             reader = CheckpointReader(self.settings.model_dir)
-            return load_expert_shard(reader, cfg, expert_ids, dtype=self.settings.dtype, device=_device(self.settings))
+            options = {"dtype": self.settings.dtype, "device": _device(self.settings)}
+            if held is not None:
+                return reshard(held, reader, cfg, expert_ids, **options)
+            return load_expert_shard(reader, cfg, expert_ids, **options)
         except Exception as exc:
             raise WorkerStartError(f"{self.name} failed to load the weights of experts {list(expert_ids)}: {exc}") \
                 from exc
@@ -115,7 +119,8 @@ class ExpertWorker:
         assert self.rank is not None, f"{self.name}: join_group() before a move"
         expert_ids = parallel.experts_of_worker(self.worker_index)
         started = time.monotonic()
-        shard = self.rank.shard if expert_ids == self.rank.shard.expert_ids else self._read_shard(expert_ids)
+        held = self.rank.shard
+        shard = held if expert_ids == held.expert_ids else self._read_shard(expert_ids, held)
         self.rank.stage(epoch, shard, parallel.max_local_experts)
         return time.monotonic() - started
 
@@ -133,7 +138,7 @@ class ExpertWorker:
         self.worker_index = worker_index
         expert_ids = parallel.experts_of_worker(self.worker_index)
         if shard.expert_ids != expert_ids:  # the group was re-formed in the middle of a move
-            shard = self._read_shard(expert_ids)
+            shard = self._read_shard(expert_ids, shard)
         self.expert_ids, self.shard, self.rank = expert_ids, shard, None
         try:
             self.group = create_group(

@@ -13,7 +13,7 @@ import torch
 
 from workers.config import ModelConfig
 from workers.model.checkpoint import CheckpointReader, expert_tensor_name
-from workers.model.experts import ExpertWeights, LayerExperts, pack_experts, packs_experts
+from workers.model.experts import ExpertWeights, LayerExperts, PackedLayerExperts, pack_experts, packs_experts
 from workers.model.linear import Linear, prepare_linear
 
 
@@ -130,3 +130,32 @@ def load_expert_shard(
         else:
             layers.append(LayerExperts(w13_e2FD=torch.stack(w13).contiguous(), w2_eDF=torch.stack(w2).contiguous()))
     return ExpertShard(expert_ids=tuple(expert_ids), layers=tuple(layers), tensor_names=tuple(shapes))
+
+
+def reshard(
+    shard: ExpertShard,
+    reader: CheckpointReader,
+    cfg: ModelConfig,
+    expert_ids: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> ExpertShard:
+    """The shard of `expert_ids` (sorted) built from `shard`: the experts it already holds are reused (packed
+    linears shared, stacked rows copied), only the others are read from the checkpoint. A balancer move reads
+    just the copies that move to this worker."""
+    held = {e: i for i, e in enumerate(shard.expert_ids)}
+    fresh_ids = tuple(e for e in expert_ids if e not in held)
+    fresh = load_expert_shard(reader, cfg, fresh_ids, dtype=dtype, device=device) if fresh_ids else None
+    source = {e: (shard, i) for e, i in held.items()} | {e: (fresh, i) for i, e in enumerate(fresh_ids)}
+    layers: list[ExpertWeights] = []
+    for layer in range(cfg.num_hidden_layers):
+        parts = [(s.layers[layer], i) for s, i in (source[e] for e in expert_ids)]
+        if all(isinstance(w, PackedLayerExperts) for w, _ in parts):
+            layers.append(PackedLayerExperts(w13_e=tuple(w.w13_e[i] for w, i in parts),
+                                             w2_e=tuple(w.w2_e[i] for w, i in parts)))
+        else:  # stacked (the packing decision is the model's and device's, so both shards agree)
+            layers.append(LayerExperts(w13_e2FD=torch.stack([w.w13_e2FD[i] for w, i in parts]).contiguous(),
+                                       w2_eDF=torch.stack([w.w2_eDF[i] for w, i in parts]).contiguous()))
+    return ExpertShard(expert_ids=tuple(expert_ids), layers=tuple(layers),
+                       tensor_names=tuple(expert_tensor_shapes(cfg, expert_ids)))
