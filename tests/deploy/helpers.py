@@ -50,6 +50,8 @@ COUNTERS = {
     "mixserve_balancer_moves_total",
     "mixserve_balancer_moved_copies_total",
     "mixserve_balancer_move_failures_total",
+    "mixserve_copy_failovers_total",
+    "mixserve_worker_rejoins_total",
 }
 HISTOGRAMS = {
     "mixserve_time_to_first_token_seconds",
@@ -71,6 +73,7 @@ GAUGES = {
     "mixserve_num_coordinators",
     "mixserve_expert_worker_imbalance_ratio",
     "mixserve_balancer_predicted_imbalance",
+    "mixserve_expert_workers_left_out",
 }
 # Series the gateway exports once per coordinator (label coordinator="0", "1", ...).
 PER_COORDINATOR = {

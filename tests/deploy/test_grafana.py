@@ -135,6 +135,27 @@ def test_dashboard_covers_the_expert_balancer(dashboard):
     assert target["legendFormat"] == "{{placement}}", "one line per placement: current and proposed"
 
 
+def test_dashboard_covers_copy_failover(dashboard):
+    """Copy failovers and rejoins of the left-out workers' replacements, and the expert workers left out right now,
+    have panels of their own in the Failover row, beside the replays and the recovery time."""
+    (row,) = [p for p in dashboard["panels"] if p["type"] == "row" and p["title"] == "Failover"]
+    top = row["gridPos"]["y"]
+    below = [p["gridPos"]["y"] for p in dashboard["panels"] if p["type"] == "row" and p["gridPos"]["y"] > top]
+    in_row = {p["title"]: p for p in panels(dashboard) if top < p["gridPos"]["y"] < min(below, default=10**6)}
+    assert set(in_row) >= {"Request replays / s", "Recovery time", "Copy failovers and worker rejoins",
+                           "Expert workers left out"}, sorted(in_row)
+
+    def exprs(title: str) -> list[str]:
+        return [t["expr"] for t in in_row[title]["targets"]]
+
+    for counter in ("copy_failovers", "worker_rejoins"):
+        pattern = rf"^sum\((rate|increase)\(mixserve_{counter}_total\{{"
+        assert [e for e in exprs("Copy failovers and worker rejoins") if re.search(pattern, e)], f"no rate of {counter}"
+    (left_out,) = exprs("Expert workers left out")
+    assert re.search(r"^(max|sum)\(mixserve_expert_workers_left_out\{", left_out), left_out
+    assert in_row["Expert workers left out"]["fieldConfig"]["defaults"]["decimals"] == 0, "a count of workers"
+
+
 def test_panels_do_not_overlap(dashboard):
     boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
     for (a, ga), (b, gb) in combinations(boxes, 2):

@@ -225,6 +225,9 @@ mixserve/worker-group: {{ .group.name }}
 - --balance-threshold={{ include "mixserve.number" .threshold }}
 {{- end }}
 {{- end }}
+{{- if gt (float64 .Values.serve.rejoinDelay) 0.0 }}
+- --rejoin-delay={{ include "mixserve.number" .Values.serve.rejoinDelay }}
+{{- end }}
 {{- $dir := include "mixserve.gatewaySecretsDir" . }}
 {{- if .Values.gateway.tls.enabled }}
 - --tls-cert={{ $dir }}/tls/tls.crt
