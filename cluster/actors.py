@@ -71,6 +71,12 @@ def rank_name(rank: int, num_coordinators: int = 1) -> str:
     return "coordinator" if num_coordinators == 1 else f"coordinator {rank}"
 
 
+def idle_worker_stats(cfg: ModelConfig, placement_epoch: int = 0) -> dict:
+    """ExpertWorker.stats of a worker out of any group: no steps, seconds or rows."""
+    return {"steps": 0, "seconds": {}, "placement_epoch": placement_epoch,
+            "rows_per_expert": [[0] * cfg.num_local_experts for _ in range(cfg.num_hidden_layers)]}
+
+
 def _rank_info(threads: int, tensor_names: list[str]) -> RankInfo:
     return RankInfo(pid=os.getpid(), node_ip=ray.util.get_node_ip_address(), torch_threads=threads,
                     tensor_names=tuple(tensor_names), cpu_seconds=time.process_time())
@@ -193,8 +199,7 @@ class ExpertWorker:
         """Since this worker joined its group (zeros between groups)."""
         if self.rank is None:
             assert self.cfg is not None, f"{self.name}: load() before stats()"
-            return {"steps": 0, "seconds": {}, "placement_epoch": 0,
-                    "rows_per_expert": [[0] * self.cfg.num_local_experts for _ in range(self.cfg.num_hidden_layers)]}
+            return idle_worker_stats(self.cfg)
         return {"steps": self.rank.steps, "seconds": dict(self.rank.timings.seconds),
                 "rows_per_expert": self.rank.rows_per_expert.tolist(), "placement_epoch": self.rank.placement_epoch}
 

@@ -21,7 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import Coordinator, ExpertWorker, RankSettings, rank_name
+from cluster.actors import Coordinator, ExpertWorker, RankSettings, idle_worker_stats, rank_name
 from cluster.cpu_tuning import CpuPolicy, RankCpu, plan_rank_cpus
 from cluster.engine_stats import StatsSnapshot
 from cluster.errors import MoveFailed, WorkerStartError, WorkerUnavailable
@@ -441,10 +441,9 @@ class RayExpertParallelEngine:
             self.workers[rank - m] = None
 
     def _replace(self, ranks: list[int]) -> None:
-        """Kills `ranks` and starts their replacements in the same bundles, loading their weights."""
+        """Starts replacements of `ranks` (killed, or left out, already) in their bundles, loading their weights."""
         m = self.num_coordinators
         for rank in ranks:
-            self._kill_rank(rank)
             if rank < m:
                 self.coordinators[rank] = self._new_rank(rank)
             else:
@@ -516,8 +515,7 @@ class RayExpertParallelEngine:
         in_group = self.in_group
         readings = dict(zip(in_group, ray.get([self.workers[s].stats.remote() for s in in_group], timeout=timeout_s),
                             strict=True))
-        idle = {"steps": 0, "seconds": {}, "placement_epoch": self.placement_epoch,
-                "rows_per_expert": [[0] * self.cfg.num_local_experts for _ in range(self.cfg.num_hidden_layers)]}
+        idle = idle_worker_stats(self.cfg, self.placement_epoch)
         return [readings.get(slot, idle) for slot in range(self.options.num_workers)]
 
     def coordinators_up(self) -> list[bool]:
@@ -534,9 +532,13 @@ class RayExpertParallelEngine:
         return up
 
     def healthy(self) -> bool:
-        """Every coordinator and every expert worker in the group serves (a left-out worker is not missed)."""
+        return self.group_up(self.coordinators_up(), self.workers_up())
+
+    def group_up(self, coordinators: list[bool], workers: list[bool]) -> bool:
+        """Whether every coordinator and every expert worker in the group serves, from coordinators_up() and
+        workers_up() (a left-out worker is not missed)."""
         in_group = set(self.in_group)
-        return all(self.coordinators_up()) and all(up for s, up in enumerate(self.workers_up()) if s in in_group)
+        return all(coordinators) and all(up for slot, up in enumerate(workers) if slot in in_group)
 
     def generate(self, requests: list[GenerationRequest], timeout_s: float = 600.0) -> list[GenerationResult]:
         """Runs the requests together, spread over the coordinators in turn; raises WorkerUnavailable if a

@@ -423,8 +423,7 @@ class EngineClient:
             readings = await asyncio.to_thread(self.engine.worker_readings)
             self.metrics.set_worker_phase_seconds([dict(r["seconds"]) for r in readings])
             self.metrics.set_worker_rows([r["rows_per_expert"] for r in readings])
-        in_group = set(self.engine.in_group)  # a left-out worker is down, and the group healthy without it
-        return all(coordinators) and all(up for slot, up in enumerate(workers) if slot in in_group)
+        return self.engine.group_up(coordinators, workers)
 
     async def _set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:
